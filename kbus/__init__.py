@@ -1,0 +1,1 @@
+"""kbus: an accelerator emulated as an asyncio message bus."""
