@@ -62,9 +62,7 @@ class OutOfDeviceMemory(KbusError, MemoryError):
     """An allocation did not fit: names the memory, the size asked for, the
     free total and the largest free block."""
 
-    def __init__(
-        self, message: str, *, where: str = "", requested: int = 0, free: int = 0, largest: int = 0
-    ) -> None:
+    def __init__(self, message: str, *, where: str = "", requested: int = 0, free: int = 0, largest: int = 0) -> None:
         super().__init__(message)
         self.where = where
         self.requested = requested
