@@ -239,6 +239,8 @@ class Sim:
         self._failure: BaseException | None = None
         self.advances = 0
         """How many times virtual time moved forward (a cheap progress counter)."""
+        self.tracer: Any = None
+        """Trace sink for events that have no hook of their own (memory, MMU, kernels); None costs nothing."""
 
     # ------------------------------------------------------------------ public
     @property

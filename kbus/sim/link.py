@@ -152,6 +152,25 @@ class Link:
             await sim.sleep(deliver - sim._now)
         return deliver
 
+    def reserve(self, at: int, nbytes: int) -> int:
+        """Book the link for ``nbytes`` starting no earlier than ``at``; return the arrival time.
+
+        Synchronous and without a message: bulk transfers along a multi-hop
+        route book each hop in turn (store-and-forward) and then sleep once
+        until the last arrival, instead of one sleep per hop.
+        """
+        start = self._free_at if self._free_at > at else at
+        ser = self.serialization(nbytes)
+        done = start + ser
+        self._free_at = done
+        self.messages += 1
+        self.bytes += nbytes
+        self.busy_ps += ser
+        deliver = done + self.latency
+        if self.on_send is not None:
+            self.on_send(self, None, nbytes, start, deliver)
+        return deliver
+
     def _deliver(self) -> None:
         inflight = self._inflight
         now = self._sim._now

@@ -1,0 +1,119 @@
+"""The ``kbus`` command: ``demo``, ``info``, ``probe`` and ``trace``.
+
+Each sub-command is a thin shell over the library; the work lives in the
+modules it calls, so scripts can do the same things without the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from . import __version__
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default=None, help="built-in device preset: tiny, default or large")
+    g.add_argument("--config", default=None, metavar="FILE", help="device configuration TOML file")
+
+
+def _config_spec(args: argparse.Namespace) -> str:
+    return str(args.config or args.preset or "default")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .hw.config import DeviceConfig, describe, tree
+
+    cfg = DeviceConfig.load(_config_spec(args))
+    console = Console()
+    console.print(tree(cfg))
+    from rich.table import Table
+
+    table = Table(title=f"parameters of {cfg.name!r}")
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    table.add_column("meaning")
+    for key, value, meaning in describe(cfg):
+        table.add_row(key, value, meaning)
+    console.print(table)
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .hw.probe import print_probe, run_probe
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    result = run_probe(_config_spec(args), sizes=sizes, max_pes=args.max_pes, use_uvloop=not args.no_uvloop)
+    print_probe(result, Console())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(_config_spec(args), trace=args.trace, use_uvloop=not args.no_uvloop)
+
+
+def _cmd_trace_serve(args: argparse.Namespace) -> int:
+    from .demo import serve_demo
+
+    return serve_demo(_config_spec(args), host=args.host, port=args.port, repeat=args.repeat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kbus", description="A multi-chip AI accelerator emulated as an asyncio message bus."
+    )
+    parser.add_argument("--version", action="version", version=f"kbus {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the demo workload on a device and print a summary")
+    _add_config_args(p)
+    p.add_argument("--trace", metavar="FILE", default=None, help="write a Chrome/Perfetto trace JSON file")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="print the resolved topology and every parameter with its unit")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("probe", help="measure PE->HBM DMA latency and bandwidth on an idle device")
+    _add_config_args(p)
+    p.add_argument(
+        "--sizes", default=None, help="comma-separated transfer sizes in bytes (default 64,4096,65536,1048576)"
+    )
+    p.add_argument("--max-pes", type=int, default=None, help="probe only the first N PEs (default: all)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("trace", help="live trace tools")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    ts = tsub.add_parser("serve", help="run the demo with a live websocket trace stream")
+    _add_config_args(ts)
+    ts.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    ts.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 picks a free one)")
+    ts.add_argument("--repeat", type=int, default=0, help="run the demo workload N times (0 = until interrupted)")
+    ts.set_defaults(func=_cmd_trace_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kbus`` console script and ``python -m kbus``."""
+    from .errors import KbusError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KbusError as exc:
+        print(f"kbus {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

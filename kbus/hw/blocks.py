@@ -1,0 +1,441 @@
+"""The hardware blocks: what each one does with the messages in its inbox.
+
+Requests flow down ``host -> PCIE_EP -> IO_CPU -> M_CPU -> NOC -> PE block``;
+responses flow back up the same levels on a separate *response channel* (a
+second inbox per routing block), the way real fabrics keep requests and
+responses on different virtual channels so that a burst of responses can never
+deadlock against a burst of requests.
+
+Every block spends its configured processing time per message (counted as busy
+time), then forwards over a :class:`~kbus.sim.Link`. Errors found by a PE block
+become a failed :class:`~kbus.protocol.ResponseMsg` naming what was wrong and
+where; the block then serves the next message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..mem import MemoryStore, PageTable, Segment
+from ..protocol import (
+    KernelLaunchMsg,
+    MemoryReadMsg,
+    MemoryWriteMsg,
+    MmuMapMsg,
+    MmuUnmapMsg,
+    PeDmaMsg,
+    ResponseMsg,
+)
+from ..protocol.fabric import Completion, DmaCommand, SipForward
+from ..sim import Block, Inbox, Link
+
+if TYPE_CHECKING:
+    from .device import Device
+
+__all__ = [
+    "HbmBlock",
+    "IoCpu",
+    "MCpu",
+    "Noc",
+    "PcieEp",
+    "PeCpu",
+    "PeDma",
+    "PeMmu",
+    "SramBlock",
+]
+
+REQUESTS = (MemoryWriteMsg, MemoryReadMsg, KernelLaunchMsg, PeDmaMsg, MmuMapMsg, MmuUnmapMsg)
+
+
+class FabricBlock(Block):
+    """A routing block with a request inbox and a response inbox (two service loops)."""
+
+    def __init__(self, device: Device, name: str, proc_ps: int, accepts: tuple[type, ...] = REQUESTS) -> None:
+        cfg = device.config
+        super().__init__(
+            device.sim, name, accepts=accepts, capacity=cfg.fabric.inbox_capacity, transform=device.transform
+        )
+        self.device = device
+        self.proc_ps = proc_ps
+        self.resp_inbox: Inbox[ResponseMsg] = Inbox(
+            device.sim, (ResponseMsg,), cfg.fabric.inbox_capacity, name=f"{name}.resp", transform=device.transform
+        )
+        self.resp_task: Any = None
+
+    # Wired by the topology builder once both ends exist.
+    up_link: Link
+    """Link one level up (towards the host) for responses."""
+    up_inbox: Inbox[ResponseMsg]
+    """The response inbox one level up."""
+
+    def start(self) -> Any:
+        task = super().start()
+        if self.resp_task is None:
+            self.resp_task = self.sim.spawn(self.run_responses(), name=f"{self.name}.resp", daemon=True)
+        return task
+
+    async def run_responses(self) -> None:
+        """Forward responses one level up towards the host."""
+        get = self.resp_inbox.get
+        link = self.up_link
+        dst = self.up_inbox
+        nbytes = self.device.config.fabric.msg_bytes
+        while True:
+            msg = await get()
+            self.msgs_in += 1
+            await self.busy(self.proc_ps, "response")
+            await self.send(link, msg, dst, nbytes)
+
+
+class PcieEp(FabricBlock):
+    """PCIe endpoint of a SIP: takes host requests off the bus, hands them to the IO_CPU."""
+
+    kind = "PCIE_EP"
+
+    def __init__(self, device: Device, sip: int) -> None:
+        super().__init__(device, f"sip{sip}.pcie_ep", device.config.processing.pcie_ep)
+        self.sip = sip
+
+    io_link: Link
+    io: IoCpu
+
+    async def handle(self, msg: Any) -> None:
+        await self.busy(self.proc_ps, msg.msg_type)
+        await self.send(self.io_link, msg, self.io.inbox, self.device.config.fabric.msg_bytes)
+
+
+class IoCpu(FabricBlock):
+    """IO processor of a SIP: fans requests out to other SIPs and to the target cubes' M_CPUs."""
+
+    kind = "IO_CPU"
+
+    def __init__(self, device: Device, sip: int) -> None:
+        super().__init__(device, f"sip{sip}.io_cpu", device.config.processing.io_cpu, (*REQUESTS, SipForward))
+        self.sip = sip
+        self.sip_links: dict[int, Link] = {}
+        self.mcpu_links: dict[int, Link] = {}
+
+    async def handle(self, msg: Any) -> None:
+        dev = self.device
+        nbytes = dev.config.fabric.msg_bytes
+        forwarded = type(msg) is SipForward
+        inner = msg.msg if forwarded else msg
+        await self.busy(self.proc_ps, inner.msg_type)
+        sips = dev.target_sips(inner)
+        if not forwarded:
+            for s in sips:
+                if s != self.sip:
+                    await self.send(
+                        self.sip_links[s], SipForward(inner, origin_sip=self.sip), dev.io_cpus[s].inbox, nbytes
+                    )
+        if self.sip in sips:
+            for c in dev.target_cubes(inner):
+                await self.send(self.mcpu_links[c], inner, dev.mcpus[self.sip][c].inbox, nbytes)
+
+
+class MCpu(FabricBlock):
+    """Management CPU of a cube: passes requests to the cube's NOC."""
+
+    kind = "M_CPU"
+
+    def __init__(self, device: Device, sip: int, cube: int) -> None:
+        super().__init__(device, f"sip{sip}.cube{cube}.m_cpu", device.config.processing.m_cpu)
+        self.sip = sip
+        self.cube = cube
+
+    noc_link: Link
+    noc: Noc
+
+    async def handle(self, msg: Any) -> None:
+        await self.busy(self.proc_ps, msg.msg_type)
+        await self.send(self.noc_link, msg, self.noc.inbox, self.device.config.fabric.msg_bytes)
+
+
+class Noc(FabricBlock):
+    """Network-on-chip router of a cube: delivers requests to the target PEs' blocks."""
+
+    kind = "NOC"
+
+    def __init__(self, device: Device, sip: int, cube: int) -> None:
+        super().__init__(device, f"sip{sip}.cube{cube}.noc", device.config.processing.noc)
+        self.sip = sip
+        self.cube = cube
+        self.pe_links: list[Link] = []
+
+    async def handle(self, msg: Any) -> None:
+        dev = self.device
+        nbytes = dev.config.fabric.msg_bytes
+        await self.busy(self.proc_ps, msg.msg_type)
+        pes = dev.pes[self.sip][self.cube]
+        mt = msg.msg_type
+        for p in dev.target_pes(msg):
+            pe = pes[p]
+            dst: Block
+            if mt == "kernel_launch":
+                dst = pe.cpu
+            elif mt in ("mmu_map", "mmu_unmap"):
+                dst = pe.mmu
+            else:
+                dst = pe.dma
+            await self.send(self.pe_links[p], msg, dst.inbox, nbytes)
+
+
+class PeBlock(Block):
+    """A block inside a PE: answers every request with a ResponseMsg over the PE's uplink."""
+
+    def __init__(self, device: Device, sip: int, cube: int, pe: int, unit: str, accepts: tuple[type, ...]) -> None:
+        super().__init__(
+            device.sim,
+            f"sip{sip}.cube{cube}.pe{pe}.{unit}",
+            accepts=accepts,
+            capacity=device.config.fabric.inbox_capacity,
+            transform=device.transform,
+        )
+        self.device = device
+        self.sip = sip
+        self.cube = cube
+        self.pe = pe
+        self.pe_path = f"sip{sip}.cube{cube}.pe{pe}"
+
+    async def respond(self, msg: Any, error: str | None = None, value: int | float | None = None) -> None:
+        dev = self.device
+        resp = ResponseMsg(
+            correlation_id=msg.correlation_id,
+            request_id=msg.request_id,
+            src_cube=self.cube,
+            src_pe=self.pe,
+            success=error is None,
+            error=error,
+            src_sip=self.sip,
+            value=value,
+        )
+        node = dev.pes[self.sip][self.cube][self.pe]
+        await self.send(node.up_link, resp, dev.nocs[self.sip][self.cube].resp_inbox, dev.config.fabric.msg_bytes)
+
+    async def handle(self, msg: Any) -> None:
+        try:
+            error, value = await self.execute(msg)
+        except Exception as exc:  # a bug in a handler must not kill the block or lose the request
+            error, value = f"{self.name}: internal error handling {msg.msg_type}: {exc!r}", None
+        await self.respond(msg, error, value)
+
+    async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
+        """Do the work of ``msg``; return ``(error or None, value)``."""
+        raise NotImplementedError
+
+
+class PeMmu(PeBlock):
+    """The PE's MMU: a page table filled by map/unmap messages, and a synchronous ``translate``."""
+
+    kind = "PE_MMU"
+
+    def __init__(self, device: Device, sip: int, cube: int, pe: int) -> None:
+        super().__init__(device, sip, cube, pe, "mmu", (MmuMapMsg, MmuUnmapMsg))
+        self.table = PageTable(self.pe_path, device.config.memory.page_size)
+
+    def translate(self, va: int, nbytes: int) -> list[Segment]:
+        """Physical segments of ``[va, va+nbytes)``; raises :class:`~kbus.mem.PageFault` if unmapped."""
+        return self.table.translate(va, nbytes)
+
+    async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
+        await self.busy(self.device.config.processing.pe_mmu, msg.msg_type)
+        table = self.table
+        tracer = self.sim.tracer
+        if type(msg) is MmuMapMsg:
+            done: list[Any] = []
+            for i, e in enumerate(msg.entries):
+                problem = self.device.check_map_entry(e)
+                if problem is None:
+                    try:
+                        table.map(e.va, e.pa, e.size, sip=e.sip, cube=e.cube, pe=e.pe)
+                    except ValueError as exc:
+                        problem = str(exc)
+                if problem is not None:
+                    for d in done:  # all or nothing: a failed map leaves the table as it was
+                        table.unmap(d.va, d.size)
+                    return f"{self.name}: entries[{i}] (va={e.va:#x}, size={e.size:#x}): {problem}", None
+                done.append(e)
+            if tracer is not None:
+                for e in msg.entries:
+                    tracer.emit("mmu", "map", self.name, self.sim.now, None, {"va": e.va, "size": e.size, "pa": e.pa})
+        else:
+            for i, e in enumerate(msg.entries):
+                try:
+                    table.unmap(e.va, e.size)
+                except ValueError as exc:
+                    return f"{self.name}: entries[{i}] (va={e.va:#x}, size={e.size:#x}): {exc}", None
+            if tracer is not None:
+                for e in msg.entries:
+                    tracer.emit("mmu", "unmap", self.name, self.sim.now, None, {"va": e.va, "size": e.size})
+        return None, None
+
+
+class PeDma(PeBlock):
+    """The PE's DMA engine: executes memory writes/reads and injected PeDmaMsg transfers.
+
+    Data moves by :meth:`Device.dma`, which costs the route's links and sends a
+    :class:`~kbus.protocol.fabric.DmaCommand` to the memory block owning the
+    address. Host-buffer transfers also cross the PCIe path, costed by bandwidth.
+    """
+
+    kind = "PE_DMA"
+
+    def __init__(self, device: Device, sip: int, cube: int, pe: int) -> None:
+        super().__init__(device, sip, cube, pe, "dma", (MemoryWriteMsg, MemoryReadMsg, PeDmaMsg))
+
+    async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
+        dev = self.device
+        start = self.sim.now
+        await self.busy(dev.config.processing.pe_dma, msg.msg_type)
+        me = (self.sip, self.cube, self.pe)
+        t = type(msg)
+        if t is PeDmaMsg:
+            op = "fill" if msg.is_write else "read"
+            err = await dev.dma(
+                me,
+                me,
+                op,
+                msg.dst_pa,
+                msg.nbytes,
+                pattern="inc8" if msg.is_write else None,
+                rid=msg.request_id,
+                cid=msg.correlation_id,
+            )
+            return err, self.sim.now - start
+        if t is MemoryWriteMsg:
+            if msg.src_kind == "pattern":
+                err = await dev.dma(
+                    me,
+                    me,
+                    "fill",
+                    msg.dst_pa,
+                    msg.nbytes,
+                    pattern=msg.pattern or "zeros",
+                    rid=msg.request_id,
+                    cid=msg.correlation_id,
+                )
+            else:
+                err = await dev.host_to_pe(
+                    me,
+                    msg.dst_pa,
+                    msg.nbytes,
+                    msg.host_buffer,
+                    msg.host_offset,
+                    rid=msg.request_id,
+                    cid=msg.correlation_id,
+                )
+            return err, None
+        if t is MemoryReadMsg:
+            err = await dev.pe_to_host(
+                me, msg.src_pa, msg.nbytes, msg.host_buffer, msg.host_offset, rid=msg.request_id, cid=msg.correlation_id
+            )
+            return err, None
+        return f"{self.name}: cannot handle {msg.msg_type}", None
+
+
+class PeCpu(PeBlock):
+    """The PE's control CPU: runs kernels named by KernelLaunchMsg.
+
+    Builtin kernels are looked up in the device's kernel registry
+    (:attr:`Device.kernels`); ``builtin:nop`` is always there. An unknown
+    kernel fails with a reason naming it.
+    """
+
+    kind = "PE_CPU"
+
+    def __init__(self, device: Device, sip: int, cube: int, pe: int) -> None:
+        super().__init__(device, sip, cube, pe, "cpu", (KernelLaunchMsg,))
+
+    async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
+        dev = self.device
+        await self.busy(dev.config.compute.kernel_launch, "launch")
+        return await dev.run_kernel(self, msg)
+
+
+class MemoryBlock(Block):
+    """A memory (SRAM of a PE, or HBM of a cube): executes DmaCommands on its byte stores."""
+
+    def __init__(self, device: Device, name: str) -> None:
+        super().__init__(
+            device.sim,
+            name,
+            accepts=(DmaCommand,),
+            capacity=device.config.fabric.inbox_capacity,
+            transform=device.transform,
+        )
+        self.device = device
+
+    def store_for(self, pe: int) -> MemoryStore:
+        raise NotImplementedError
+
+    async def handle(self, cmd: DmaCommand) -> None:
+        dev = self.device
+        error: str | None = None
+        try:
+            store = self.store_for(cmd.pe)
+            op: str = cmd.op
+            if op == "fill":
+                store.write_pattern(cmd.pa, cmd.nbytes, cmd.pattern or "zeros")
+            elif op == "write":
+                if cmd.host_buffer is None:
+                    store.write(cmd.pa, dev.take_staged(cmd.request_id))
+                else:
+                    buf = dev.host_buffer(cmd.host_buffer)
+                    store.write(cmd.pa, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
+            elif op == "read":
+                if cmd.host_buffer is None:
+                    dev.stage(cmd.request_id, store.read(cmd.pa, cmd.nbytes))
+                else:
+                    buf = dev.host_buffer(cmd.host_buffer)
+                    store.read_into(cmd.pa, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
+            elif op == "copy":
+                assert cmd.src_pa is not None
+                store.copy_from(store, cmd.src_pa, cmd.pa, cmd.nbytes)
+            else:
+                error = f"{self.name}: unknown DMA op {op!r}"
+        except (ValueError, KeyError) as exc:
+            error = f"{self.name}: {exc}"
+        dev.complete(
+            cmd.request_id,
+            Completion(cmd.correlation_id, cmd.request_id, cmd.sip, cmd.cube, cmd.pe, error is None, error),
+        )
+
+
+class SramBlock(MemoryBlock):
+    """A PE's SRAM at physical addresses ``[0, sram_per_pe)``."""
+
+    kind = "SRAM"
+
+    def __init__(self, device: Device, sip: int, cube: int, pe: int) -> None:
+        super().__init__(device, f"sip{sip}.cube{cube}.pe{pe}.sram")
+        self.store = MemoryStore(self.name, 0, device.config.memory.sram_per_pe)
+
+    def store_for(self, pe: int) -> MemoryStore:
+        return self.store
+
+
+class HbmBlock(MemoryBlock):
+    """A cube's HBM: one slice per PE at ``[hbm_base, hbm_base + hbm_per_pe)``, allocated lazily."""
+
+    kind = "HBM"
+
+    def __init__(self, device: Device, sip: int, cube: int) -> None:
+        super().__init__(device, f"sip{sip}.cube{cube}.hbm")
+        self.slices: dict[int, MemoryStore] = {}
+
+    def store_for(self, pe: int) -> MemoryStore:
+        s = self.slices.get(pe)
+        if s is None:
+            mem = self.device.config.memory
+            s = self.slices[pe] = MemoryStore(f"{self.name}.pe{pe}", mem.hbm_base, mem.hbm_per_pe)
+        return s
+
+
+def as_bytes(data: Any) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """A flat uint8 view of a contiguous buffer (no copy)."""
+    arr = np.asarray(data)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr.reshape(-1).view(np.uint8)
