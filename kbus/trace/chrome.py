@@ -1,0 +1,384 @@
+"""FileSink: stream events into a Chrome trace-event JSON file.
+
+The file opens in Perfetto UI (ui.perfetto.dev) and chrome://tracing. Layout:
+
+* one *process* per SIP (``sip0``, ``sip1``...) plus one for the ``host``, named
+  with ``process_name`` metadata events; pids are fixed numbers derived from
+  the path (host 1, ``sipN`` N+2), never the OS's;
+* one *thread track* per block, named ``path (KIND)``; busy spans are complete
+  (``X``) events on it;
+* one track per link (``src->dst``), where each message is an ``X`` span from the
+  moment it was offered to its delivery, named by its ``msg_type``;
+* host requests are ``X`` spans on the host's ``requests`` track, kernels on a
+  ``path kernel`` track;
+* inbox depths are counter (``C``) events; allocator and MMU events are instants.
+
+Why lanes: a trace viewer requires the slices of one (pid, tid) to nest, but
+several messages can be in flight on one link and a block may run concurrent
+work. Every span therefore goes to the first *lane* of its track whose last
+span ended at or before the new one starts; a new lane (a sibling track named
+``... #2``) opens only when all are busy. Lanes are disjoint by construction, so
+the output always nests, whatever order events arrive in.
+
+Flows: each host request's span starts a flow (``bind_id`` + ``flow_out``) and
+every response that reaches the host over a link ends one (``flow_in``), so the
+viewer draws an arrow from the request to each of its responses.
+
+Time: ``ts``/``dur`` are microseconds (the format's unit) as floats carrying
+the virtual picoseconds exactly (``ts_ps / 1e6``). ``displayTimeUnit`` is not
+set on purpose: Perfetto reads it as the unit of ``ts`` itself.
+
+Incremental and deterministic: events are encoded as they come and written in
+chunks of ``flush_every``, so memory stays bounded; the file is a JSON object
+``{"traceEvents": [...], "otherData": {...}}`` that is valid once :meth:`FileSink.close`
+has written the tail. Everything written derives from the events alone (no wall
+clock, no OS pids, dicts in insertion order), so the same events give the same
+bytes on every event loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Any, Final
+
+from .events import SPAN_CATS, Event, dumps, link_ends
+from .tracer import TraceError
+
+__all__ = ["FileSink"]
+
+_LANE_STRIDE: Final = 1000
+"""tids of a track's lanes are ``base + lane``; base tids step by this much."""
+
+_OVERFLOW_TID: Final = 2**31
+"""First tid handed out to lanes beyond the stride (absurdly busy tracks)."""
+
+_HOST_PID: Final = 1
+
+
+class _Track:
+    """One named track: a base tid and the end time of the last span in each lane."""
+
+    __slots__ = ("base", "lanes", "name", "pid", "tids")
+
+    def __init__(self, pid: int, base: int, name: str) -> None:
+        self.pid = pid
+        self.base = base
+        self.name = name
+        self.lanes: list[int] = []
+        self.tids: list[int] = []
+
+
+class FileSink:
+    """Write events to ``path`` as Chrome trace-event JSON, incrementally.
+
+    ``counters=False`` leaves out inbox depth counters (the most numerous
+    events). ``flush_every`` is how many encoded events are kept before a write.
+    Close it (or use ``with``) to finish the file: until then the JSON is not
+    terminated.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, counters: bool = True, flush_every: int = 4096) -> None:
+        if flush_every < 1:
+            raise TraceError(f"FileSink({os.fspath(path)!r}): flush_every must be >= 1, got {flush_every}")
+        self.path = os.fspath(path)
+        self.counters = counters
+        self._flush_every = flush_every
+        self._file: IO[bytes] | None = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(b'{"traceEvents":[\n')
+        self._pending: list[bytes] = []
+        self._first_chunk = True
+        self.events_written = 0
+        self._device = ""
+        self._kinds: dict[str, str] = {}
+        self._pids: dict[str, int] = {}
+        self._next_other_pid = 1000
+        self._tracks: dict[tuple[str, str], _Track] = {}
+        self._reserved: dict[tuple[str, str], int] = {}
+        self._next_base = _LANE_STRIDE
+        self._next_overflow = _OVERFLOW_TID
+        self._ends: dict[str, tuple[str, str]] = {}
+        self._open: dict[tuple[str, str, str, object, object], list[tuple[int, dict[str, Any] | None]]] = {}
+        self._flows: dict[object, int] = {}
+        self._flow_used: set[int] = set()
+        self._next_flow = 1
+        self._last_ps = 0
+
+    # ------------------------------------------------------------ structure
+    def _pid(self, path: str) -> int:
+        """The process of ``path``: its first dotted component (host, sipN, or other)."""
+        comp = path.split(".", 1)[0] if path else "host"
+        pid = self._pids.get(comp)
+        if pid is not None:
+            return pid
+        if comp == "host":
+            pid = _HOST_PID
+        elif comp.startswith("sip") and comp[3:].isdigit():
+            pid = int(comp[3:]) + 2
+        else:
+            pid = self._next_other_pid
+            self._next_other_pid += 1
+        self._pids[comp] = pid
+        label = comp if not self._device or comp == "host" else f"{comp} ({self._device})"
+        self._emit({"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"name": label}})
+        self._emit({"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+        return pid
+
+    def _track(self, path: str, group: str, owner: str) -> _Track:
+        """The track for ``(path, group)``, created (and named) on first use.
+
+        ``owner`` is the path whose process the track belongs to (a link's
+        source block). Bases reserved from the topology keep each block's
+        tracks together and in device order.
+        """
+        key = (path, group)
+        tr = self._tracks.get(key)
+        if tr is not None:
+            return tr
+        base = self._reserved.get(key)
+        if base is None:
+            base = self._next_base
+            self._next_base += _LANE_STRIDE
+        if group == "":
+            kind = self._kinds.get(path)
+            name = f"{path} ({kind})" if kind else path
+        elif group == "link":
+            name = path
+        elif group == "request":
+            name = "requests"
+        else:
+            name = f"{path} {group}"
+        tr = self._tracks[key] = _Track(self._pid(owner), base, name)
+        self._lane_tid(tr, 0)
+        return tr
+
+    def _lane_tid(self, tr: _Track, lane: int) -> int:
+        """tid of lane ``lane`` of ``tr``, naming it when it first appears."""
+        while len(tr.tids) <= lane:
+            n = len(tr.tids)
+            if n < _LANE_STRIDE:
+                tid = tr.base + n
+            else:
+                tid = self._next_overflow
+                self._next_overflow += 1
+            tr.tids.append(tid)
+            tr.lanes.append(0)
+            name = tr.name if n == 0 else f"{tr.name} #{n + 1}"
+            self._emit({"name": "thread_name", "ph": "M", "ts": 0, "pid": tr.pid, "tid": tid, "args": {"name": name}})
+            self._emit(
+                {"name": "thread_sort_index", "ph": "M", "ts": 0, "pid": tr.pid, "tid": tid, "args": {"sort_index": tid}}
+            )
+        return tr.tids[lane]
+
+    def _place(self, tr: _Track, start: int, end: int) -> int:
+        """Put the span ``[start, end]`` in the first lane free since ``start``; return its tid."""
+        lanes = tr.lanes
+        for i, last in enumerate(lanes):
+            if last <= start:
+                lanes[i] = end
+                return tr.tids[i]
+        tid = self._lane_tid(tr, len(lanes))
+        lanes[-1] = end
+        return tid
+
+    def _topology(self, args: dict[str, Any]) -> None:
+        """Reserve track bases in device order: each block, then the links it sends on."""
+        self._device = str(args.get("device", ""))
+        blocks: dict[str, str] = dict(args.get("blocks", {}))
+        links: list[str] = list(args.get("links", []))
+        self._kinds.update(blocks)
+        by_src: dict[str, list[str]] = {}
+        for name in links:
+            by_src.setdefault(link_ends(name)[0], []).append(name)
+        order: list[tuple[str, str]] = [("host", "request")]
+        order += [(name, "link") for name in by_src.pop("host", [])]
+        for path in blocks:
+            order.append((path, ""))
+            order += [(name, "link") for name in by_src.pop(path, [])]
+        for rest in by_src.values():
+            order += [(name, "link") for name in rest]
+        for key in order:
+            if key not in self._reserved and key not in self._tracks:
+                self._reserved[key] = self._next_base
+                self._next_base += _LANE_STRIDE
+        for path in blocks:  # every block gets its named track even if idle
+            self._track(path, "", path)
+
+    # --------------------------------------------------------------- events
+    def write(self, event: Event) -> None:
+        """Encode one event (see :mod:`kbus.trace.events`) into the trace."""
+        if self._file is None:
+            raise TraceError(f"FileSink({self.path!r}) is closed; events can no longer be written")
+        ts, dur, cat, name, path, args = event
+        end = ts if dur is None else ts + dur
+        if end > self._last_ps:
+            self._last_ps = end
+        if cat == "link":
+            ends = self._ends.get(path)
+            if ends is None:
+                ends = self._ends[path] = link_ends(path)
+            tr = self._track(path, "link", ends[0])
+            d = dur or 0
+            rec: dict[str, Any] = {
+                "name": name,
+                "cat": cat,
+                "ph": "X",
+                "ts": ts / 1e6,
+                "dur": d / 1e6,
+                "pid": tr.pid,
+                "tid": self._place(tr, ts, ts + d),
+            }
+            if args is not None:
+                rec["args"] = args
+                if ends[1] == "host" and self._flows:
+                    fid = self._flows.get(args.get("correlation_id"))
+                    if fid is not None:
+                        rec["bind_id"] = fid
+                        rec["flow_in"] = True
+                        self._flow_used.add(fid)
+            self._emit(rec)
+        elif cat == "busy":
+            tr = self._track(path, "", path)
+            d = dur or 0
+            rec = {"name": name, "cat": cat, "ph": "X", "ts": ts / 1e6, "dur": d / 1e6, "pid": tr.pid}
+            rec["tid"] = self._place(tr, ts, ts + d)
+            if args is not None:
+                rec["args"] = args
+            self._emit(rec)
+        elif cat == "depth":
+            if self.counters:
+                tr = self._track(path, "", path)
+                self._emit(
+                    {
+                        "name": f"{path} {name}",
+                        "cat": cat,
+                        "ph": "C",
+                        "ts": ts / 1e6,
+                        "pid": tr.pid,
+                        "tid": tr.tids[0],
+                        "args": args if args is not None else {"depth": 0},
+                    }
+                )
+        elif cat == "meta":
+            if name == "topology" and args is not None:
+                self._topology(args)
+        elif cat in SPAN_CATS:
+            self._span_event(ts, dur, cat, name, path, args)
+        elif dur is None:
+            tr = self._track(path, "", path)
+            rec = {"name": name, "cat": cat, "ph": "i", "s": "t", "ts": ts / 1e6, "pid": tr.pid, "tid": tr.tids[0]}
+            if args is not None:
+                rec["args"] = args
+            self._emit(rec)
+        else:
+            self._span(ts, dur, cat, name, path, args)
+
+    def _span_key(self, cat: str, name: str, path: str, args: dict[str, Any] | None) -> tuple[str, str, str, object, object]:
+        if args is None:
+            return (cat, path, name, None, None)
+        return (cat, path, name, args.get("correlation_id"), args.get("request_id"))
+
+    def _span_event(self, ts: int, dur: int | None, cat: str, name: str, path: str, args: dict[str, Any] | None) -> None:
+        """A begin marker (remember it) or a completed span (write it, closing its flow)."""
+        key = self._span_key(cat, name, path, args)
+        corr = key[3]
+        if dur is None:
+            self._open.setdefault(key, []).append((ts, args))
+            if cat == "request" and corr is not None:
+                self._flows[corr] = self._next_flow
+                self._next_flow += 1
+            return
+        opened = self._open.get(key)
+        if opened:
+            opened.pop(0)
+            if not opened:
+                del self._open[key]
+        fid = self._flows.pop(corr, None) if cat == "request" and corr is not None else None
+        self._span(ts, dur, cat, name, path, args, fid)
+
+    def _span(
+        self,
+        ts: int,
+        dur: int,
+        cat: str,
+        name: str,
+        path: str,
+        args: dict[str, Any] | None,
+        flow: int | None = None,
+    ) -> None:
+        group = "request" if cat == "request" else cat
+        tr = self._track(path, group, path)
+        rec: dict[str, Any] = {
+            "name": name,
+            "cat": cat,
+            "ph": "X",
+            "ts": ts / 1e6,
+            "dur": dur / 1e6,
+            "pid": tr.pid,
+            "tid": self._place(tr, ts, ts + dur),
+        }
+        if args is not None:
+            rec["args"] = args
+        if flow is not None and flow in self._flow_used:
+            self._flow_used.discard(flow)
+            rec["bind_id"] = flow
+            rec["flow_out"] = True
+        self._emit(rec)
+
+    # ------------------------------------------------------------------ I/O
+    def _emit(self, rec: dict[str, Any]) -> None:
+        self._pending.append(dumps(rec))
+        self.events_written += 1
+        if len(self._pending) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the encoded events kept so far (the JSON stays unterminated until close)."""
+        f = self._file
+        if f is None or not self._pending:
+            return
+        chunk = b",\n".join(self._pending)
+        self._pending.clear()
+        if self._first_chunk:
+            self._first_chunk = False
+        else:
+            chunk = b",\n" + chunk
+        try:
+            f.write(chunk)
+        except OSError as exc:
+            exc.add_note(f"while writing trace file {self.path!r}")
+            raise
+
+    def close(self) -> None:
+        """Finish the file: spans still open end at the last time seen, marked ``unfinished``."""
+        if self._file is None:
+            return
+        for key, opened in list(self._open.items()):
+            cat, path, name, corr, _rid = key
+            for ts, args in opened:
+                done = dict(args) if args is not None else {}
+                done["unfinished"] = True
+                fid = self._flows.pop(corr, None) if cat == "request" and corr is not None else None
+                self._span(ts, max(self._last_ps - ts, 0), cat, name, path, done, fid)
+        self._open.clear()
+        self.flush()
+        other = {
+            "generator": "kbus.trace",
+            "device": self._device,
+            "clock": "virtual time; ts and dur in microseconds with picosecond resolution",
+            "events": self.events_written,
+            "end_ps": self._last_ps,
+        }
+        f, self._file = self._file, None
+        try:
+            f.write(b'\n],"otherData":' + dumps(other) + b"}\n")
+        finally:
+            f.close()
+
+    def __enter__(self) -> FileSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<FileSink {self.path!r} {'closed' if self._file is None else 'open'} events={self.events_written}>"
