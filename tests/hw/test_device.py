@@ -31,9 +31,9 @@ async def make(preset: str = "tiny", wire: bool | None = None) -> Device:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("preset", ["tiny", "default"])
-async def test_every_seed_message_end_to_end(preset: str) -> None:
-    dev = await make(preset)
+@pytest.mark.parametrize(("preset", "wire"), [("tiny", False), ("default", False), ("tiny", True), ("default", True)])
+async def test_every_seed_message_end_to_end(preset: str, wire: bool) -> None:
+    dev = await make(preset, wire=wire)
     cfg = dev.config
     topo = cfg.topology
     last_sip, last_cube, last_pe = topo.sips - 1, topo.cubes_per_sip - 1, topo.pes_per_cube - 1
@@ -87,6 +87,22 @@ async def test_large_preset_broadcast_map() -> None:
     # fan-out happened in the fabric: one host message, one SIP forward per other SIP
     assert dev.host_links[0].messages == 1
     assert sum(dev.io_cpus[0].sip_links[s].messages for s in range(1, 8)) == 7
+    # unicast traffic at the far corner of the device
+    hbm = dev.config.memory.hbm_base
+    buf = np.arange(512, dtype=np.uint8)
+    back = np.zeros(512, dtype=np.uint8)
+    dev.register_host_buffer("buf", buf)
+    dev.register_host_buffer("back", back)
+    far = {"target_cubes": (15,), "target_pe": 31}
+    await dev.request(MemoryWriteMsg("c", "w", 7, 15, 31, hbm, 512, src_kind="host_buffer_ref", host_buffer="buf", **far))
+    await dev.request(MemoryReadMsg("c", "r", 7, 15, 31, hbm, 512, host_buffer="back", **far))
+    assert np.array_equal(buf, back)
+    (r,) = await dev.request(PeDmaMsg("c", "d", 7, 15, 31, hbm, 4096))
+    assert r.value == expected_dma_ps(dev.config, "read", 4096)
+    launches = await dev.request(KernelLaunchMsg("c", "k", KernelRef("nop", "builtin"), (), target_sips=(6, 7)))
+    assert len(launches) == 2 * 16 * 32
+    unmaps = await dev.request(MmuUnmapMsg("c", "u", (UnmapEntry(VA, 1 << 16),)))
+    assert len(unmaps) == 4096
     await dev.aclose()
 
 

@@ -1,0 +1,143 @@
+"""``kbus demo``: a short tour of the device through the torch-like runtime.
+
+Creates replicated and sharded tensors on the device, runs a few ops (including
+a matmul whose right operand is sharded, so PEs read remote shards through
+their MMUs), reads the results back, checks them against numpy and prints a
+summary of virtual time, messages, bytes moved and per-level utilisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .hw.config import DeviceConfig
+from .sim import format_time, run
+from .sim.units import format_bandwidth
+
+
+async def workload(torch: Any, console: Console | None = None, seed: int = 0) -> list[tuple[str, bool, int]]:
+    """The demo's tensor program; returns (step, matches numpy, virtual ps taken) rows."""
+    import kbus
+
+    rng = np.random.default_rng(seed)
+    pes = torch.device.config.num_pes
+    rows: list[tuple[str, bool, int]] = []
+
+    async def step(label: str, t: Any, expect: np.ndarray[Any, Any], t0: int) -> None:
+        got = await t.numpy()
+        ok = bool(np.allclose(got, expect, rtol=1e-4, atol=1e-3))
+        rows.append((label, ok, torch.now_ps - t0))
+        if console is not None:
+            console.print(f"  {'[green]ok[/]' if ok else '[red]MISMATCH[/]'}  {label:<46} "
+                          f"{format_time(torch.now_ps - t0):>10} device time")
+
+    n = 64 * pes
+    x_np = rng.standard_normal((n, 64), dtype=np.float32)
+    y_np = rng.standard_normal((n, 64), dtype=np.float32)
+    w_np = rng.standard_normal((64, 32), dtype=np.float32)
+    t0 = torch.now_ps
+    x = torch.tensor(x_np, policy=kbus.Shard(dim=0))
+    y = torch.tensor(y_np, policy=kbus.Shard(dim=0))
+    w = torch.tensor(w_np, policy=kbus.Replicate())
+    await x
+    await y
+    await w
+    rows.append((f"upload x, y ({n}x64 f32, sharded over {pes} PEs), w (replicated)", True, torch.now_ps - t0))
+    if console is not None:
+        console.print(f"  [green]ok[/]  {rows[-1][0]:<46} {format_time(rows[-1][2]):>10} device time")
+
+    t0 = torch.now_ps
+    await step("z = x * 2 + y (sharded elementwise)", x * 2.0 + y, x_np * 2 + y_np, t0)
+    t0 = torch.now_ps
+    await step("h = x @ w (row-sharded @ replicated)", x @ w, x_np @ w_np, t0)
+    a_np = rng.standard_normal((32, 48), dtype=np.float32)
+    b_np = rng.standard_normal((48, 16), dtype=np.float32)
+    a = torch.tensor(a_np, policy=kbus.Shard(dim=0))
+    b = torch.tensor(b_np, policy=kbus.Shard(dim=0))
+    t0 = torch.now_ps
+    await step("a @ b (b sharded: PEs read remote shards)", a @ b, a_np @ b_np, t0)
+    t0 = torch.now_ps
+    await step("x.sum()", x.sum(), np.asarray(x_np.sum(dtype=np.float64), dtype=np.float32), t0)
+    t0 = torch.now_ps
+    await step("x.to(Replicate()) (redistribute)", x.to(kbus.Replicate()), x_np, t0)
+    return rows
+
+
+def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) -> None:
+    dev = torch.device
+    now = dev.sim.now
+    stats = dev.stats()
+    msgs = sum(s.msgs_in for s in stats.values())
+    levels = dev.level_stats()
+    moved = sum(d["bytes"] for d in levels.values())
+    table = Table(title=f"fabric levels over {format_time(now)} of device time")
+    for col in ("level", "links", "messages+transfers", "bytes", "utilisation"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    for level, d in levels.items():
+        table.add_row(level, f"{int(d['links'])}", f"{int(d['messages']):,}", f"{int(d['bytes']):,}",
+                      f"{100 * d['utilisation']:.3f}%")
+    console.print(table)
+    kinds: dict[str, list[float]] = {}
+    for s in stats.values():
+        kinds.setdefault(s.kind, []).append(s.utilisation)
+    busy = Table(title="block utilisation (mean / max over blocks of a kind)")
+    for col in ("kind", "blocks", "mean", "max"):
+        busy.add_column(col, justify="left" if col == "kind" else "right")
+    for kind, us in kinds.items():
+        busy.add_row(kind, str(len(us)), f"{100 * sum(us) / len(us):.2f}%", f"{100 * max(us):.2f}%")
+    console.print(busy)
+    ok = all(r[1] for r in rows)
+    console.print(
+        f"[bold]{'all results match numpy' if ok else 'SOME RESULTS DIFFER FROM NUMPY'}[/]; "
+        f"virtual time {format_time(now)}, {msgs:,} block messages, {moved:,} bytes over links "
+        f"({format_bandwidth(moved * 1e12 / now) if now else '-'} aggregate)"
+    )
+
+
+def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: bool = True) -> int:
+    """Run the demo on a fresh device; returns the process exit code."""
+    import kbus
+
+    console = Console()
+    cfg = DeviceConfig.load(config)
+    t = cfg.topology
+    console.print(f"[bold]kbus demo[/] on {cfg.name!r}: {t.sips} SIPs x {t.cubes_per_sip} cubes x "
+                  f"{t.pes_per_cube} PEs = {cfg.num_pes} PEs")
+
+    async def main() -> int:
+        async with kbus.open_device(cfg, trace=trace) as torch:
+            rows = await workload(torch, console)
+            _summary(torch, console, rows)
+        if trace:
+            console.print(f"trace written to {trace} (open it in https://ui.perfetto.dev)")
+        return 0 if all(r[1] for r in rows) else 1
+
+    return run(main, use_uvloop=use_uvloop)
+
+
+def serve_demo(config: str = "default", *, host: str = "127.0.0.1", port: int = 8765, repeat: int = 0) -> int:
+    """Run the demo workload repeatedly with a live websocket trace stream."""
+    import kbus
+    from kbus import trace as ktrace
+
+    console = Console()
+
+    async def main() -> int:
+        async with kbus.open_device(config) as torch, ktrace.serve(torch.device, host=host, port=port) as server:
+            console.print(f"live trace on {server.url} — open tools/trace-viewer/index.html?ws={server.url}")
+            i = 0
+            while repeat == 0 or i < repeat:
+                await workload(torch, None, seed=i)
+                i += 1
+                await asyncio.sleep(0.2)
+        return 0
+
+    try:
+        return run(main)
+    except KeyboardInterrupt:
+        return 0
