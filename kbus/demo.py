@@ -33,8 +33,10 @@ async def workload(torch: Any, console: Console | None = None, seed: int = 0) ->
         ok = bool(np.allclose(got, expect, rtol=1e-4, atol=1e-3))
         rows.append((label, ok, torch.now_ps - t0))
         if console is not None:
-            console.print(f"  {'[green]ok[/]' if ok else '[red]MISMATCH[/]'}  {label:<46} "
-                          f"{format_time(torch.now_ps - t0):>10} device time")
+            console.print(
+                f"  {'[green]ok[/]' if ok else '[red]MISMATCH[/]'}  {label:<46} "
+                f"{format_time(torch.now_ps - t0):>10} device time"
+            )
 
     n = 64 * pes
     x_np = rng.standard_normal((n, 64), dtype=np.float32)
@@ -79,8 +81,13 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
     for col in ("level", "links", "messages+transfers", "bytes", "utilisation"):
         table.add_column(col, justify="left" if col == "level" else "right")
     for level, d in levels.items():
-        table.add_row(level, f"{int(d['links'])}", f"{int(d['messages']):,}", f"{int(d['bytes']):,}",
-                      f"{100 * d['utilisation']:.3f}%")
+        table.add_row(
+            level,
+            f"{int(d['links'])}",
+            f"{int(d['messages']):,}",
+            f"{int(d['bytes']):,}",
+            f"{100 * d['utilisation']:.3f}%",
+        )
     console.print(table)
     kinds: dict[str, list[float]] = {}
     for s in stats.values():
@@ -106,8 +113,10 @@ def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: b
     console = Console()
     cfg = DeviceConfig.load(config)
     t = cfg.topology
-    console.print(f"[bold]kbus demo[/] on {cfg.name!r}: {t.sips} SIPs x {t.cubes_per_sip} cubes x "
-                  f"{t.pes_per_cube} PEs = {cfg.num_pes} PEs")
+    console.print(
+        f"[bold]kbus demo[/] on {cfg.name!r}: {t.sips} SIPs x {t.cubes_per_sip} cubes x "
+        f"{t.pes_per_cube} PEs = {cfg.num_pes} PEs"
+    )
 
     async def main() -> int:
         async with kbus.open_device(cfg, trace=trace) as torch:

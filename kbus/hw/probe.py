@@ -77,8 +77,9 @@ def expected_round_trip_ps(cfg: DeviceConfig, op: str, nbytes: int) -> int:
     return 2 * (one_way + handling) + expected_dma_ps(cfg, op, nbytes)
 
 
-async def probe(sim: Sim, config: DeviceConfig | str, sizes: tuple[int, ...] = DEFAULT_SIZES,
-                max_pes: int | None = None) -> ProbeResult:
+async def probe(
+    sim: Sim, config: DeviceConfig | str, sizes: tuple[int, ...] = DEFAULT_SIZES, max_pes: int | None = None
+) -> ProbeResult:
     """Run the probe on a fresh device built on ``sim``."""
     device = build_device(sim, config)
     cfg = device.config
@@ -95,19 +96,35 @@ async def probe(sim: Sim, config: DeviceConfig | str, sizes: tuple[int, ...] = D
                 if size > cfg.memory.hbm_per_pe:
                     raise ValueError(f"probe size {size} exceeds the HBM slice of a PE ({cfg.memory.hbm_per_pe} bytes)")
                 for is_write in (False, True):
-                    msg = PeDmaMsg("probe", f"{node.cpu.pe_path}/{size}/{'w' if is_write else 'r'}", s, c, p, base,
-                                   size, is_write=is_write)
+                    msg = PeDmaMsg(
+                        "probe",
+                        f"{node.cpu.pe_path}/{size}/{'w' if is_write else 'r'}",
+                        s,
+                        c,
+                        p,
+                        base,
+                        size,
+                        is_write=is_write,
+                    )
                     t0 = sim.now
                     (resp,) = await device.request(msg)
-                    rows.append(ProbeRow(node.cpu.pe_path, "write" if is_write else "read", size,
-                                         int(resp.value or 0), sim.now - t0))
+                    rows.append(
+                        ProbeRow(
+                            node.cpu.pe_path, "write" if is_write else "read", size, int(resp.value or 0), sim.now - t0
+                        )
+                    )
     finally:
         await device.aclose()
     return ProbeResult(cfg, tuple(rows))
 
 
-def run_probe(config: DeviceConfig | str = "default", *, sizes: list[int] | None = None, max_pes: int | None = None,
-              use_uvloop: bool = True) -> ProbeResult:
+def run_probe(
+    config: DeviceConfig | str = "default",
+    *,
+    sizes: list[int] | None = None,
+    max_pes: int | None = None,
+    use_uvloop: bool = True,
+) -> ProbeResult:
     """Run :func:`probe` on a new event loop."""
     chosen = tuple(sizes) if sizes else DEFAULT_SIZES
     for size in chosen:
@@ -134,7 +151,14 @@ def print_probe(result: ProbeResult, console: Console | None = None) -> None:
         expect_rt = expected_round_trip_ps(result.config, op, nbytes)
         ok = "equal" if (expect, expect_rt) == (dma_ps, rt_ps) else f"{format_time(expect)}, {format_time(expect_rt)}"
         label = pes[0] if len(pes) == 1 else f"{len(pes)} PEs"
-        row: list[Any] = [label, op, f"{nbytes:,}", format_time(dma_ps),
-                          format_bandwidth(nbytes * 1e12 / dma_ps), format_time(rt_ps), ok]
+        row: list[Any] = [
+            label,
+            op,
+            f"{nbytes:,}",
+            format_time(dma_ps),
+            format_bandwidth(nbytes * 1e12 / dma_ps),
+            format_time(rt_ps),
+            ok,
+        ]
         table.add_row(*row)
     console.print(table)

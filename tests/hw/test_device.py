@@ -43,8 +43,9 @@ async def test_every_seed_message_end_to_end(preset: str, wire: bool) -> None:
     dev.register_host_buffer("src", src)
     dev.register_host_buffer("dst", dst)
     unicast = {"target_cubes": (last_cube,), "target_pe": last_pe}
-    w = MemoryWriteMsg("c", "w", last_sip, last_cube, last_pe, hbm, 4096, src_kind="host_buffer_ref",
-                       host_buffer="src", **unicast)
+    w = MemoryWriteMsg(
+        "c", "w", last_sip, last_cube, last_pe, hbm, 4096, src_kind="host_buffer_ref", host_buffer="src", **unicast
+    )
     (resp,) = await dev.request(w)
     assert resp.success and (resp.src_sip, resp.src_cube, resp.src_pe) == (last_sip, last_cube, last_pe)
     await dev.request(MemoryReadMsg("c", "r", last_sip, last_cube, last_pe, hbm, 4096, host_buffer="dst", **unicast))
@@ -94,7 +95,9 @@ async def test_large_preset_broadcast_map() -> None:
     dev.register_host_buffer("buf", buf)
     dev.register_host_buffer("back", back)
     far = {"target_cubes": (15,), "target_pe": 31}
-    await dev.request(MemoryWriteMsg("c", "w", 7, 15, 31, hbm, 512, src_kind="host_buffer_ref", host_buffer="buf", **far))
+    await dev.request(
+        MemoryWriteMsg("c", "w", 7, 15, 31, hbm, 512, src_kind="host_buffer_ref", host_buffer="buf", **far)
+    )
     await dev.request(MemoryReadMsg("c", "r", 7, 15, 31, hbm, 512, host_buffer="back", **far))
     assert np.array_equal(buf, back)
     (r,) = await dev.request(PeDmaMsg("c", "d", 7, 15, 31, hbm, 4096))
@@ -113,11 +116,16 @@ async def test_bad_requests_fail_with_reasons_and_device_keeps_serving() -> None
     one = {"target_cubes": (0,), "target_pe": 0}
     cases = [
         (PeDmaMsg("c", "1", 0, 9, 0, hbm, 64), r"src_cube=9: 9 is out of range 0\.\.1"),
-        (PeDmaMsg("c", "2", 0, 0, 0, 0x7000_0000_0000, 64), r"pa range \[0x700000000000.*outside the memory of sip0\.cube0\.pe0"),
+        (
+            PeDmaMsg("c", "2", 0, 0, 0, 0x7000_0000_0000, 64),
+            r"pa range \[0x700000000000.*outside the memory of sip0\.cube0\.pe0",
+        ),
         (PeDmaMsg("c", "3", 0, 0, 0, hbm, 0), r"nbytes must be > 0, got 0"),
         (MemoryWriteMsg("c", "4", 0, 0, 0, 0, 64, pattern="purple", **one), r"purple"),
-        (MemoryWriteMsg("c", "5", 0, 0, 0, 0, 64, src_kind="host_buffer_ref", host_buffer="nope", **one),
-         r"host buffer 'nope' is not registered"),
+        (
+            MemoryWriteMsg("c", "5", 0, 0, 0, 0, 64, src_kind="host_buffer_ref", host_buffer="nope", **one),
+            r"host buffer 'nope' is not registered",
+        ),
         (MemoryReadMsg("c", "6", 0, 0, 0, 0, 64, host_buffer="nope", **one), r"host buffer 'nope' is not registered"),
         (MmuUnmapMsg("c", "7", (UnmapEntry(VA, 1 << 16),), target_cubes=(0,), target_pe=0), r"sip0\.cube0\.pe0\.mmu"),
         (MmuMapMsg("c", "8", (MapEntry(VA, 0, 1 << 16, 0, 5, 0),), **one), r"owner"),
@@ -159,10 +167,16 @@ async def test_remote_reads_cost_more_by_the_route() -> None:
     sim = dev.sim
     n = 1 << 16
     times = {}
-    for label, owner in {"local": (0, 0, 0), "same cube": (0, 0, 1), "other cube": (0, 2, 0), "other sip": (1, 0, 0)}.items():
+    for label, owner in {
+        "local": (0, 0, 0),
+        "same cube": (0, 0, 1),
+        "other cube": (0, 2, 0),
+        "other sip": (1, 0, 0),
+    }.items():
         va = VA + len(times) * page * 4
-        await dev.request(MmuMapMsg("c", label, (MapEntry(va, hbm, n, *owner),), target_sips=(0,), target_cubes=(0,),
-                                    target_pe=0))
+        await dev.request(
+            MmuMapMsg("c", label, (MapEntry(va, hbm, n, *owner),), target_sips=(0,), target_cubes=(0,), target_pe=0)
+        )
         t0 = sim.now
         await dev.read_va((0, 0, 0), va, n)
         times[label] = sim.now - t0
@@ -186,8 +200,9 @@ async def test_concurrent_requests_from_many_host_tasks() -> None:
     values = await asyncio.gather(*(one(i) for i in range(40)))
     assert len(values) == 40 and all(v > 0 for v in values)
     with pytest.raises(ValueError, match="already in flight"):
-        await asyncio.gather(dev.request(PeDmaMsg("c", "dup", 0, 0, 0, hbm, 64)),
-                             dev.request(PeDmaMsg("c", "dup", 0, 0, 0, hbm, 64)))
+        await asyncio.gather(
+            dev.request(PeDmaMsg("c", "dup", 0, 0, 0, hbm, 64)), dev.request(PeDmaMsg("c", "dup", 0, 0, 0, hbm, 64))
+        )
     await dev.aclose()
 
 

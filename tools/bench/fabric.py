@@ -99,12 +99,14 @@ def main() -> None:
         [
             ["build time", f"{large['build']:.2f} s", "<= 2 s"],
             ["peak RSS after build", f"{large['rss'] / 2**20:.0f} MB", "<= 300 MB"],
-            ["MmuMapMsg broadcast to 4096 PEs", f"{large['bcast']:.2f} s wall ({kbus.format_time(large['vt'])} virtual)",
-             "<= 1 s"],
+            [
+                "MmuMapMsg broadcast to 4096 PEs",
+                f"{large['bcast']:.2f} s wall ({kbus.format_time(large['vt'])} virtual)",
+                "<= 1 s",
+            ],
         ],
     )
 
 
 if __name__ == "__main__":
-
     main()
