@@ -38,10 +38,10 @@ host is blocked on, listing what each blocked task waits for.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import inspect
 import itertools
 from collections.abc import Callable, Coroutine, Generator
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..errors import DeadlockError
@@ -288,9 +288,9 @@ class Sim:
             delay = int(delay)
         if delay < 0:
             raise ValueError(f"sim.sleep({delay}): negative delay; virtual time cannot go backwards")
-        fut = self._loop_bound().create_future()
+        fut = (self._loop or self._loop_bound()).create_future()
         when = self._now + delay
-        heapq.heappush(self._timers, (when, next(self._seq), fut))
+        heappush(self._timers, (when, next(self._seq), fut))
         handle = self._park(fut, "sleep", when)
         try:
             await fut
@@ -307,7 +307,7 @@ class Sim:
         if when < self._now:
             raise ValueError(f"call_at({when}): time {format_time(when)} is in the past (now {format_time(self._now)})")
         call = _Call(fn, args)
-        heapq.heappush(self._timers, (when, next(self._seq), call))
+        heappush(self._timers, (when, next(self._seq), call))
         if self._runnable == 0:
             self._schedule_idle()
         return call
@@ -408,8 +408,9 @@ class Sim:
         if handle is not None:
             handle._waiting = (fut, kind, obj)
             self._runnable -= 1
-            if self._runnable == 0:
-                self._schedule_idle()
+            if self._runnable == 0 and not self._idle_scheduled:
+                self._idle_scheduled = True
+                loop.call_soon(self._on_idle)  # type: ignore[union-attr]
         else:
             self._host_waits[fut] = (task, kind, obj)
             if self._runnable == 0:
@@ -500,7 +501,6 @@ class Sim:
         if self._runnable != 0:
             return
         timers = self._timers
-        heappop = heapq.heappop
         while timers:
             when = timers[0][0]
             while timers and timers[0][0] == when:

@@ -141,7 +141,7 @@ class Inbox(Generic[M]):
         if self.offer(msg):
             return
         sim = self._sim
-        fut: asyncio.Future[None] = sim._loop_bound().create_future()
+        fut: asyncio.Future[None] = (sim._loop or sim._loop_bound()).create_future()
         self._putters.append((fut, msg, None))
         handle = sim._park(fut, "put", self)
         try:
@@ -168,7 +168,7 @@ class Inbox(Generic[M]):
                 self.on_depth(self, len(items))
             return msg
         sim = self._sim
-        fut: asyncio.Future[M] = sim._loop_bound().create_future()
+        fut: asyncio.Future[M] = (sim._loop or sim._loop_bound()).create_future()
         self._getters.append(fut)
         handle = sim._park(fut, "get", self)
         try:
