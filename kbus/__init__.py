@@ -4,6 +4,7 @@ Everything a user needs is re-exported here; see the package READMEs under
 ``kbus/`` for how the layers fit.
 """
 
+from . import lang
 from .errors import (
     AllocatorError,
     CodecError,
@@ -15,7 +16,10 @@ from .errors import (
     OutOfDeviceMemory,
     TensorFreedError,
 )
+from .lang import kernel
+from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
+from .sim.timeouts import fail_after, move_on_after
 
 __version__ = "0.1.0"
 
@@ -31,15 +35,25 @@ __all__ = [
     "KbusError",
     "KernelError",
     "Link",
+    "MemoryLeakError",
     "OutOfDeviceMemory",
+    "Replicate",
+    "Runtime",
+    "Shard",
     "Sim",
     "SimFuture",
     "SimTask",
+    "Tensor",
     "TensorFreedError",
     "__version__",
+    "fail_after",
     "format_time",
+    "kernel",
+    "lang",
+    "move_on_after",
     "ms",
     "ns",
+    "open_device",
     "parse_time",
     "ps",
     "run",

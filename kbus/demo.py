@@ -49,7 +49,7 @@ async def workload(torch: Any, console: Console | None = None, seed: int = 0) ->
     await x
     await y
     await w
-    rows.append((f"upload x, y ({n}x64 f32, sharded over {pes} PEs), w (replicated)", True, torch.now_ps - t0))
+    rows.append((f"upload x, y ({n}x64, sharded), w (replicated)", True, torch.now_ps - t0))
     if console is not None:
         console.print(f"  [green]ok[/]  {rows[-1][0]:<46} {format_time(rows[-1][2]):>10} device time")
 

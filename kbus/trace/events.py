@@ -93,11 +93,11 @@ def _fallback(obj: Any) -> Any:
     return str(obj)
 
 
-_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY
 
 
 def _sanitize(obj: Any) -> Any:
-    """Make ``obj`` encodable by orjson: integers outside 64 bits become strings."""
+    """Make ``obj`` encodable by orjson: integers outside 64 bits and non-string keys become strings."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, (float, str)):
         return obj
     if isinstance(obj, int):

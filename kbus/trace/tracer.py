@@ -156,8 +156,7 @@ class Tracer:
         current = getattr(obj, attr, None)
         if current is not None:
             raise TraceError(
-                f"Tracer: {what} already has a {attr} hook ({current!r}); "
-                "is another Tracer attached? detach it first"
+                f"Tracer: {what} already has a {attr} hook ({current!r}); is another Tracer attached? detach it first"
             )
         setattr(obj, attr, hook)
         self._hooks.append((obj, attr, hook))
@@ -191,9 +190,14 @@ class Tracer:
             if msg is None:
                 tracer._write((start, deliver - start, "link", "data", name, {"bytes": nbytes}))
                 return
-            mt = getattr(msg, "msg_type", None)
-            if mt is None:
-                mt = type(msg).__name__
+            try:  # protocol messages have all three: plain attribute reads are the cheap path
+                mt = msg.msg_type
+                corr = msg.correlation_id
+                rid = msg.request_id
+            except AttributeError:
+                mt = getattr(msg, "msg_type", None) or type(msg).__name__
+                corr = getattr(msg, "correlation_id", None)
+                rid = getattr(msg, "request_id", None)
             tracer._write(
                 (
                     start,
@@ -201,12 +205,7 @@ class Tracer:
                     "link",
                     mt,
                     name,
-                    {
-                        "msg_type": mt,
-                        "correlation_id": getattr(msg, "correlation_id", None),
-                        "request_id": getattr(msg, "request_id", None),
-                        "bytes": nbytes,
-                    },
+                    {"msg_type": mt, "correlation_id": corr, "request_id": rid, "bytes": nbytes},
                 )
             )
 
@@ -299,7 +298,7 @@ class Tracer:
         self._closed = True
         sinks, self._sinks = self._sinks, []
         self._rebind()
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
         for sink in sinks:
             try:
                 sink.close()
@@ -309,7 +308,7 @@ class Tracer:
         if len(errors) == 1:
             raise errors[0]
         if errors:
-            raise ExceptionGroup("closing trace sinks failed", errors)  # type: ignore[type-var]
+            raise ExceptionGroup("closing trace sinks failed", errors)
 
     def __enter__(self) -> Tracer:
         return self

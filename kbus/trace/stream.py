@@ -1,0 +1,486 @@
+"""Live event stream over websockets: ``async with serve(device) as server``.
+
+Design, and why
+---------------
+
+* **Publishing never waits.** The simulation calls :meth:`StreamSink.write`
+  from inside its hooks; it appends the event to one bounded ring
+  (``collections.deque(maxlen=buffer)``) and bumps a sequence number. That is
+  O(1) whatever the number of clients, and it never awaits, so no client can
+  slow virtual time down, however slow it is.
+* **Each client is a cursor into the ring.** A client's relay task (one per
+  connection, separate from the handler that reads the client's messages)
+  wakes every ``flush_interval`` seconds of wall time, takes the events between
+  its cursor and the head, filters them and sends them in frames of at most
+  ``batch`` events (one event per frame costs ~30x more). The ring is the
+  client's bounded buffer: if a client falls more than ``buffer`` events
+  behind, the oldest are dropped for it and counted (``dropped`` in its status
+  frames). ``websockets.broadcast`` is not used because it has no backpressure.
+* **Shutdown never hangs.** The handler notices the close (its receive loop
+  ends), cancels the relay and leaves; the server is closed with a short
+  ``close_timeout`` and any connection still open after that is aborted.
+
+The protocol is documented in ``kbus/trace/README.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from itertools import islice
+from typing import Any, Final
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+
+from .events import FIELDS, Event, dumps
+from .tracer import TraceError, Tracer
+
+__all__ = ["EventFilter", "StreamClient", "StreamSink", "TraceServer", "serve"]
+
+log = logging.getLogger("kbus.trace.stream")
+
+_OPS: Final = ("subscribe", "unsubscribe", "status")
+_FILTER_KEYS: Final = ("path_prefix", "cat", "msg_type")
+
+
+class StreamSink:
+    """A bounded ring of events that stream clients read at their own pace.
+
+    ``write`` is the whole cost the simulation pays for streaming. The
+    topology (``meta`` event) is kept aside, not in the ring, so every
+    subscriber can get it whenever it arrives.
+    """
+
+    def __init__(self, buffer: int = 32768) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise TraceError(f"StreamSink: buffer must be an int >= 1 (events kept per client), got {buffer!r}")
+        self.ring: deque[Event] = deque(maxlen=buffer)
+        self.seq = 0
+        """Events written so far; the ring holds sequence numbers ``[seq - len(ring), seq)``."""
+        self.topology: dict[str, Any] | None = None
+
+    def write(self, event: Event) -> None:
+        if event[2] == "meta":
+            if event[3] == "topology":
+                self.topology = event[5]
+            return
+        self.ring.append(event)
+        self.seq += 1
+
+    def close(self) -> None:
+        """Nothing to release; the ring is kept so late readers can still drain it."""
+
+
+class EventFilter:
+    """What a client subscribed to: path prefixes, categories, message types.
+
+    A key left out matches everything. A path prefix matches an event's path
+    or, for a link (``src->dst``), either end, so ``"sip0.cube1.pe3"`` also
+    shows the messages delivered to that PE. ``msg_type`` matches the
+    ``msg_type`` in an event's args (links and host requests carry it).
+    """
+
+    __slots__ = ("cats", "msg_types", "prefixes")
+
+    def __init__(
+        self,
+        path_prefix: tuple[str, ...] | None = None,
+        cat: frozenset[str] | None = None,
+        msg_type: frozenset[str] | None = None,
+    ) -> None:
+        self.prefixes = path_prefix
+        self.cats = cat
+        self.msg_types = msg_type
+
+    @classmethod
+    def parse(cls, spec: object) -> EventFilter:
+        """Build a filter from a subscribe message's ``filter`` object.
+
+        Raises ``ValueError`` naming the offending key and what was expected.
+        """
+        if spec is None:
+            return cls()
+        if not isinstance(spec, dict):
+            raise ValueError(f"'filter' must be an object, got {_json_type(spec)}")
+        unknown = sorted(k for k in spec if k not in _FILTER_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown filter key(s) {', '.join(map(repr, unknown))}; expected {', '.join(_FILTER_KEYS)}"
+            )
+        prefixes = _strings(spec, "path_prefix")
+        cats = _strings(spec, "cat")
+        msg_types = _strings(spec, "msg_type")
+        return cls(
+            tuple(prefixes) if prefixes is not None else None,
+            frozenset(cats) if cats is not None else None,
+            frozenset(msg_types) if msg_types is not None else None,
+        )
+
+    def to_json(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        if self.prefixes is not None:
+            out["path_prefix"] = list(self.prefixes)
+        if self.cats is not None:
+            out["cat"] = sorted(self.cats)
+        if self.msg_types is not None:
+            out["msg_type"] = sorted(self.msg_types)
+        return out
+
+    def compile(self) -> Callable[[Event], bool]:
+        """A predicate for this filter, specialised so an empty filter costs one call."""
+        prefixes, cats, msg_types = self.prefixes, self.cats, self.msg_types
+        if prefixes is None and cats is None and msg_types is None:
+            return _match_all
+
+        def match(ev: Event) -> bool:
+            if cats is not None and ev[2] not in cats:
+                return False
+            if msg_types is not None:
+                args = ev[5]
+                if args is None or args.get("msg_type") not in msg_types:
+                    return False
+            if prefixes is not None:
+                path = ev[4]
+                if path.startswith(prefixes):
+                    return True
+                return ev[2] == "link" and path.partition("->")[2].startswith(prefixes)
+            return True
+
+        return match
+
+    def __repr__(self) -> str:
+        return f"EventFilter({self.to_json()!r})"
+
+
+def _match_all(ev: Event) -> bool:
+    return True
+
+
+def _json_type(v: object) -> str:
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return "null" if v is None else names.get(type(v), type(v).__name__)
+
+
+def _strings(spec: dict[str, Any], key: str) -> list[str] | None:
+    """A filter value: a string or a non-empty array of strings (None if absent)."""
+    if key not in spec:
+        return None
+    v = spec[key]
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        return list(v)
+    if isinstance(v, list) and not v:
+        raise ValueError(f"filter {key!r} is an empty array, which would match nothing; leave the key out to match all")
+    raise ValueError(f"filter {key!r} must be a string or an array of strings, got {_json_type(v)}")
+
+
+class StreamClient:
+    """One connected websocket client, as the server sees it (read-only for users).
+
+    ``dropped`` counts events that left the ring before this client's relay
+    read them (counted before filtering, and including those being lost right
+    now by a relay stuck on a client that does not read); ``sent`` counts
+    events sent to it.
+    """
+
+    __slots__ = ("_dropped", "_sink", "cursor", "filter", "frames", "peer", "predicate", "sent", "ws")
+
+    def __init__(self, ws: ServerConnection, sink: StreamSink) -> None:
+        self.ws = ws
+        self._sink = sink
+        self.peer = str(ws.remote_address)
+        self.cursor = sink.seq
+        self._dropped = 0
+        self.sent = 0
+        self.frames = 0
+        self.filter: EventFilter | None = None
+        self.predicate: Callable[[Event], bool] | None = None
+
+    @property
+    def dropped(self) -> int:
+        oldest = self._sink.seq - len(self._sink.ring)
+        return self._dropped + max(0, oldest - self.cursor)
+
+    def catch_up(self) -> None:
+        """Move the cursor to the oldest event still in the ring, counting what was lost."""
+        oldest = self._sink.seq - len(self._sink.ring)
+        if self.cursor < oldest:
+            self._dropped += oldest - self.cursor
+            self.cursor = oldest
+
+    def __repr__(self) -> str:
+        sub = repr(self.filter) if self.filter is not None else "not subscribed"
+        return f"<StreamClient {self.peer} {sub} sent={self.sent} dropped={self.dropped}>"
+
+
+class TraceServer:
+    """The running stream server that :func:`serve` yields.
+
+    ``port``/``url`` say where to connect; ``clients`` lists the connected
+    clients; ``events`` counts events published so far.
+    """
+
+    def __init__(
+        self,
+        sim: Any,
+        sink: StreamSink,
+        *,
+        batch: int,
+        flush_interval: float,
+        status_interval: float,
+    ) -> None:
+        self.sim = sim
+        self.sink = sink
+        self.batch = batch
+        self.flush_interval = flush_interval
+        self.status_interval = status_interval
+        self.host = ""
+        self.port = 0
+        self._clients: list[StreamClient] = []
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    @property
+    def clients(self) -> tuple[StreamClient, ...]:
+        return tuple(self._clients)
+
+    @property
+    def events(self) -> int:
+        return self.sink.seq
+
+    def idle(self) -> bool:
+        """True when every subscribed client has been sent everything published (for tests and benches)."""
+        head = self.sink.seq
+        return all(c.cursor >= head for c in self._clients if c.predicate is not None)
+
+    # --------------------------------------------------------------- frames
+    def _status(self, client: StreamClient) -> bytes:
+        return dumps(
+            {
+                "type": "status",
+                "now_ps": int(self.sim.now),
+                "events": self.sink.seq,
+                "dropped": client.dropped,
+                "sent": client.sent,
+                "clients": len(self._clients),
+            }
+        )
+
+    @staticmethod
+    def _error(reason: str) -> bytes:
+        return dumps({"type": "error", "reason": reason})
+
+    def _on_message(self, client: StreamClient, raw: str | bytes) -> bytes:
+        """Answer one client message: an ack, a status, or an error frame naming what was wrong."""
+        if isinstance(raw, bytes):
+            return self._error('binary frames are not understood; send JSON text such as {"op": "subscribe"}')
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return self._error(f"message is not valid JSON ({exc})")
+        if not isinstance(msg, dict):
+            return self._error(f"message must be a JSON object with an 'op' key, got {_json_type(msg)}")
+        op = msg.get("op")
+        if op == "subscribe":
+            unknown = sorted(k for k in msg if k not in ("op", "filter", "backlog"))
+            if unknown:
+                return self._error(
+                    f"subscribe: unknown key(s) {', '.join(map(repr, unknown))}; expected 'filter' and 'backlog'"
+                )
+            backlog = msg.get("backlog", False)
+            if not isinstance(backlog, bool):
+                return self._error(f"subscribe: 'backlog' must be true or false, got {_json_type(backlog)}")
+            try:
+                filt = EventFilter.parse(msg.get("filter"))
+            except ValueError as exc:
+                return self._error(f"subscribe: {exc}")
+            sink = self.sink
+            client.filter = filt
+            client.predicate = filt.compile()
+            client.catch_up()  # losses under the previous subscription stay counted
+            client.cursor = sink.seq - len(sink.ring) if backlog else sink.seq
+            return dumps(
+                {
+                    "type": "subscribed",
+                    "filter": filt.to_json(),
+                    "backlog": backlog,
+                    "fields": list(FIELDS),
+                    "topology": sink.topology,
+                    "now_ps": int(self.sim.now),
+                }
+            )
+        if op == "unsubscribe":
+            client.filter = None
+            client.predicate = None
+            return dumps({"type": "unsubscribed"})
+        if op == "status":
+            return self._status(client)
+        if op is None:
+            return self._error(f"message has no 'op'; expected one of {', '.join(_OPS)}")
+        return self._error(f"unknown op {op!r}; expected one of {', '.join(_OPS)}")
+
+    # ---------------------------------------------------------- connections
+    async def _handler(self, ws: ServerConnection) -> None:
+        """Serve one connection: read its messages here, send events from a relay task.
+
+        The receive loop is what notices the close; leaving it cancels the
+        relay, so a vanished client leaves no task behind and the server can
+        always shut down.
+        """
+        client = StreamClient(ws, self.sink)
+        self._clients.append(client)
+        relay = asyncio.create_task(self._relay(client), name=f"kbus.trace relay {client.peer}")
+        try:
+            async for raw in ws:
+                await ws.send(self._on_message(client, raw), text=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await relay
+            self._clients.remove(client)
+
+    async def _relay(self, client: StreamClient) -> None:
+        ws = client.ws
+        loop = asyncio.get_running_loop()
+        next_status = 0.0
+        try:
+            while True:
+                if client.predicate is not None:
+                    await self._drain(client)
+                else:
+                    client.cursor = self.sink.seq  # not subscribed: nothing is owed, nothing dropped
+                now = loop.time()
+                if now >= next_status:
+                    next_status = now + self.status_interval
+                    await ws.send(self._status(client), text=True)
+                await asyncio.sleep(self.flush_interval)
+        except ConnectionClosed:
+            return
+
+    async def _drain(self, client: StreamClient) -> None:
+        """Send this client everything between its cursor and the head, filtered, in frames."""
+        ring = self.sink.ring
+        head = self.sink.seq
+        client.catch_up()
+        n = head - client.cursor
+        if n <= 0:
+            return
+        # Snapshot before awaiting: the ring moves while frames are being sent.
+        events = list(islice(ring, len(ring) - n, None))
+        client.cursor = head
+        pred = client.predicate
+        if pred is None:
+            return
+        batch_size = self.batch
+        batch: list[Event] = []
+        for ev in events:
+            if pred(ev):
+                batch.append(ev)
+                if len(batch) >= batch_size:
+                    await self._send_events(client, batch)
+                    batch = []
+        if batch:
+            await self._send_events(client, batch)
+
+    async def _send_events(self, client: StreamClient, batch: list[Event]) -> None:
+        await client.ws.send(dumps({"type": "events", "events": batch}), text=True)
+        client.sent += len(batch)
+        client.frames += 1
+
+    def __repr__(self) -> str:
+        return f"<TraceServer {self.url} clients={len(self._clients)} events={self.sink.seq}>"
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    device: Any,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    buffer: int = 32768,
+    batch: int = 256,
+    flush_interval: float = 0.02,
+    status_interval: float = 0.5,
+    max_size: int = 64 * 1024,
+    close_timeout: float = 1.0,
+    compression: str | None = None,
+) -> AsyncIterator[TraceServer]:
+    """Stream ``device``'s trace events to websocket clients while the block runs.
+
+    Binds to loopback unless ``host`` says otherwise; ``port=0`` picks a free
+    port (read it from ``server.port``). If a :class:`~kbus.trace.Tracer` is
+    already attached to the device, the stream joins it; otherwise one is
+    attached for the duration and detached on exit.
+
+    ``buffer``: events kept for a lagging client before its oldest are dropped;
+    ``batch``: most events per frame; ``flush_interval``/``status_interval``:
+    wall-clock seconds between sends and between status frames; ``max_size``:
+    largest message accepted from a client, in bytes; ``close_timeout``: how
+    long shutdown waits for a client's closing handshake before dropping it;
+    ``compression``: ``"deflate"`` for remote viewers (costs CPU on this side).
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise TraceError(f"serve: batch must be an int >= 1 (events per frame), got {batch!r}")
+    for name, value in (("flush_interval", flush_interval), ("status_interval", status_interval)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise TraceError(f"serve: {name} must be a number of seconds > 0, got {value!r}")
+    sink = StreamSink(buffer)
+    existing = getattr(device.sim, "tracer", None)
+    own_tracer = not (isinstance(existing, Tracer) and existing.device is device and existing.attached)
+    tracer = Tracer(device) if own_tracer else existing
+    assert isinstance(tracer, Tracer)
+    tracer.add_sink(sink)
+    server = TraceServer(device.sim, sink, batch=batch, flush_interval=flush_interval, status_interval=status_interval)
+    try:
+        ws_server = await ws_serve(
+            server._handler,
+            host,
+            port,
+            max_size=max_size,
+            compression=compression,
+            close_timeout=close_timeout,
+            logger=log,
+        )
+    except BaseException:
+        tracer.remove_sink(sink)
+        if own_tracer:
+            tracer.close()
+        raise
+    sockname = ws_server.sockets[0].getsockname() if ws_server.sockets else (host, port)
+    server.host, server.port = str(sockname[0]), int(sockname[1])
+    try:
+        yield server
+    finally:
+        ws_server.close()
+        try:
+            await asyncio.wait_for(ws_server.wait_closed(), timeout=close_timeout + 1.0)
+        except TimeoutError:
+            # A peer that ignores the closing handshake: drop its TCP connection.
+            for conn in list(ws_server.connections):
+                conn.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ws_server.wait_closed(), timeout=1.0)
+        if tracer.attached or own_tracer:
+            with contextlib.suppress(TraceError):
+                tracer.remove_sink(sink)
+        if own_tracer:
+            tracer.close()

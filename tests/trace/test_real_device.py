@@ -1,0 +1,87 @@
+"""Tracing the real device (``kbus.hw.build_device``): the contract the fake device stands in for."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import uvloop
+from test_chrome import validate_trace
+
+from kbus import Sim
+from kbus.protocol import MapEntry, MemoryWriteMsg, MmuMapMsg, MmuUnmapMsg, PeDmaMsg, UnmapEntry
+from kbus.trace import FileSink, Tracer, serve
+
+hw = pytest.importorskip("kbus.hw")
+build_device = getattr(hw, "build_device", None)
+if build_device is None:  # pragma: no cover - before the device lands
+    pytest.skip("kbus.hw.build_device is not available yet", allow_module_level=True)
+
+
+async def workload(dev: Any) -> None:
+    """PE DMA probes on every PE, a broadcast write, and an MMU map/unmap broadcast; 4 in flight."""
+    base = dev.config.memory.hbm_base
+    coords = [node.coord for node in dev.iter_pes()]
+
+    async def worker(w: int) -> None:
+        for i in range(w, 24, 4):
+            s, c, p = coords[i % len(coords)]
+            await dev.request(PeDmaMsg("t", f"dma{i}", s, c, p, base, 4096, is_write=bool(i & 1)))
+
+    await asyncio.gather(*(worker(w) for w in range(4)))
+    await dev.request(MemoryWriteMsg("t", "bcast", 0, 0, 0, base, 8192, pattern="zeros"))
+    va = dev.config.memory.va_base
+    await dev.request(MmuMapMsg("t", "map", (MapEntry(va, base, 1 << 16, 0, 0, 0),)))
+    await dev.request(MmuUnmapMsg("t", "unmap", (UnmapEntry(va, 1 << 16),)))
+
+
+async def traced(path: Path) -> set[str]:
+    dev = build_device(Sim(), "tiny")
+    with Tracer(dev, FileSink(path)):
+        await workload(dev)
+    await dev.aclose()
+    return set(dev.blocks)
+
+
+@pytest.mark.asyncio
+async def test_real_device_trace_is_valid(tmp_path: Path) -> None:
+    path = tmp_path / "real.json"
+    blocks = await traced(path)
+    doc = orjson.loads(path.read_bytes())
+    counts = validate_trace(doc)
+    assert counts["X"] > 100 and counts["flows"] >= 24
+    events = doc["traceEvents"]
+    assert {"link", "busy", "request", "mmu"} <= {e.get("cat") for e in events}
+    threads = {e["args"]["name"].split(" ")[0] for e in events if e["name"] == "thread_name"}
+    assert blocks <= threads  # every block has its named track
+    procs = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert "host" in procs and any(p.startswith("sip0") for p in procs)
+
+
+def test_real_device_trace_is_byte_identical_on_asyncio_and_uvloop(tmp_path: Path) -> None:
+    asyncio.run(traced(tmp_path / "a.json"))
+    uvloop.run(traced(tmp_path / "b.json"))
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+@pytest.mark.asyncio
+async def test_real_device_streams_to_a_subscriber() -> None:
+    from websockets.asyncio.client import connect
+
+    dev = build_device(Sim(), "tiny")
+    async with serve(dev, flush_interval=0.005) as server, connect(server.url, proxy=None) as ws:
+        await ws.send('{"op": "subscribe", "filter": {"cat": ["mmu"]}}')
+        while orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "subscribed":
+            pass
+        await workload(dev)
+        events: list[Any] = []
+        while len(events) < 2 * dev.config.num_pes:
+            msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            if msg["type"] == "events":
+                events += msg["events"]
+    await dev.aclose()
+    assert {e[2] for e in events} == {"mmu"}
+    assert {e[3] for e in events} == {"map", "unmap"}
