@@ -1,0 +1,404 @@
+"""The host side: deploying kernels, launching them, and the program cache.
+
+``await kernel[grid](*args, **constexprs)`` and :func:`launch` do the same:
+
+1. bind the arguments to the kernel's signature and evaluate the grid (a
+   tuple, or a callable of the arguments by name, Triton style);
+2. wait until every tensor argument is ready (``await tensor``);
+3. make sure the kernel's code blob is deployed on this device: the first
+   launch writes it with a ``MemoryWriteMsg`` from a host buffer into the code
+   region (:func:`~kbus.lang.runner.code_region`), later launches reuse it
+   (the *program cache*, keyed by kernel identity, one per device);
+4. send one ``KernelLaunchMsg`` naming the blob by location, with a
+   ``TensorArg`` per tensor and a ``ScalarArg`` per scalar and constexpr, plus
+   the grid, the placement and the pointer types, to the PEs that run
+   instances; every PE answers with how many instances it ran.
+
+A failed PE answer becomes :class:`kbus.KernelError` (the device stays usable).
+If a PE found the deployed blob corrupt, the program cache forgets that
+deployment so the next launch deploys a fresh copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import operator
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from ..errors import DeviceError, KernelError
+from ..hw.device import Device
+from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
+from .kernel import Kernel
+from .language import dtype_name
+from .runner import (
+    PLACEMENTS,
+    Deployment,
+    DeviceState,
+    owner_of_programs,
+    owner_targets,
+    spread_targets,
+    state_of,
+)
+
+if TYPE_CHECKING:
+    from ..sim import SimFuture
+
+__all__ = ["KernelCacheInfo", "LaunchResult", "Launcher", "deploy", "device_of", "kernel_cache_info", "launch"]
+
+_ids = itertools.count()
+_RUNTIME_ATTRS = ("device", "runtime", "_runtime", "torch")
+"""Attributes of a tensor that may hold the runtime handle (``kbus.Tensor.device``) or the Device."""
+
+GridSpec = tuple[int, ...] | int | Callable[[dict[str, Any]], Any]
+
+
+@attrs.frozen
+class LaunchResult:
+    """What a launch did: where, how many instances, and when (virtual ps)."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    placement: str
+    pes: int
+    """PEs the launch message targeted (some may have had no instance)."""
+    active_pes: int
+    """PEs that ran at least one instance."""
+    instances: int
+    start_ps: int
+    """When the launch began, its tensor arguments ready (a deployment, if any, comes after)."""
+    end_ps: int
+    """When the last PE's answer reached the host."""
+    deployed: bool
+    """True if this launch wrote the code blob (a program cache miss)."""
+
+    @property
+    def duration_ps(self) -> int:
+        return self.end_ps - self.start_ps
+
+
+@attrs.frozen
+class KernelCacheInfo:
+    """Program cache counters of one device.
+
+    ``hits``/``misses``: launches that found / did not find their kernel
+    deployed; ``deployments``: code blobs written; ``pe_fetches``: blobs a PE
+    read from device memory (once per PE and deployment); ``pe_hits``:
+    launches a PE served from its code cache; ``kernels``: deployments live.
+    """
+
+    hits: int
+    misses: int
+    deployments: int
+    pe_fetches: int
+    pe_hits: int
+    kernels: int
+
+
+def device_of(target: Any) -> Device:
+    """The :class:`~kbus.hw.Device` of a runtime handle (``torch.device``), or ``target`` if it is one."""
+    if isinstance(target, Device):
+        return target
+    dev = getattr(target, "device", None)
+    if isinstance(dev, Device):
+        return dev
+    raise TypeError(
+        f"expected a runtime handle (from kbus.open_device) or a kbus Device, got {type(target).__name__}"
+    )
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "addr") and hasattr(value, "shards") and hasattr(value, "dtype")
+
+
+def _find_target(values: dict[str, Any]) -> Any:
+    """The runtime handle (or Device) the first tensor argument belongs to, or None."""
+    for v in values.values():
+        if not _is_tensor(v):
+            continue
+        for attr in _RUNTIME_ATTRS:
+            handle = getattr(v, attr, None)
+            if isinstance(handle, Device) or isinstance(getattr(handle, "device", None), Device):
+                return handle
+    return None
+
+
+def kernel_cache_info(target: Any) -> KernelCacheInfo:
+    """Program cache counters of the device of ``target`` (a runtime handle or a Device)."""
+    st = state_of(device_of(target))
+    return KernelCacheInfo(st.hits, st.misses, st.deployments, st.pe_fetches, st.pe_hits, len(st.programs))
+
+
+# ------------------------------------------------------------------ deploy
+async def _write_blob(device: Device, st: DeviceState, kern: Kernel) -> Deployment:
+    blob = np.frombuffer(kern.blob(), dtype=np.uint8).copy()
+    pa = st.alloc_code(blob.size)
+    s, c, p = st.code_coord
+    n = next(_ids)
+    name = f"kbus.lang.code.{kern.short_name}.{n}"
+    device.register_host_buffer(name, blob)
+    try:
+        await device.request(
+            MemoryWriteMsg(
+                "kbus.lang", f"deploy-{n}", s, c, p, pa, int(blob.size), src_kind="host_buffer_ref",
+                target_cubes=(c,), target_pe=p, host_buffer=name,
+            )
+        )
+    finally:
+        device.unregister_host_buffer(name)
+    st.deployments += 1
+    return Deployment(kern.id, st.code_coord, pa, int(blob.size), hashlib.sha256(blob.tobytes()).hexdigest())
+
+
+async def _deployment(device: Device, st: DeviceState, kern: Kernel) -> tuple[Deployment, bool]:
+    """The kernel's deployment on ``device`` and whether it had to be written now."""
+    found = st.programs.get(kern.id)
+    if found is not None:
+        return found, False
+    pending: SimFuture[Deployment] | None = st.deploying.get(kern.id)
+    if pending is not None:  # another launch is writing it right now
+        return await pending, False
+    fut: SimFuture[Deployment] = device.sim.create_future(f"deployment of {kern.id}")
+    st.deploying[kern.id] = fut
+    try:
+        dep = await _write_blob(device, st, kern)
+    except BaseException as exc:
+        fut.set_exception(exc)
+        raise
+    finally:
+        del st.deploying[kern.id]
+    st.programs[kern.id] = dep
+    fut.set_result(dep)
+    return dep, True
+
+
+async def deploy(target: Any, kern: Kernel) -> Deployment:
+    """Deploy ``kern``'s code blob on the device of ``target`` now (launches do it on first use).
+
+    Returns the :class:`~kbus.lang.runner.Deployment` (where the blob is);
+    deploying an already deployed kernel returns the existing deployment.
+    """
+    if not isinstance(kern, Kernel):
+        raise TypeError(f"deploy() takes a @kbus.kernel, got {type(kern).__name__}")
+    device = device_of(target)
+    dep, _ = await _deployment(device, state_of(device), kern)
+    return dep
+
+
+# ------------------------------------------------------------------ launch
+def _grid(spec: Any, meta: dict[str, Any], name: str) -> tuple[int, int, int]:
+    g = spec(dict(meta)) if callable(spec) else spec
+    dims = (g,) if isinstance(g, int | np.integer) else g
+    if not isinstance(dims, tuple | list) or not 1 <= len(dims) <= 3:
+        raise TypeError(f"kernel {name!r}: grid must be an int or a tuple of 1 to 3 ints, got {g!r}")
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, bool) or not isinstance(d, int | np.integer):
+            raise TypeError(f"kernel {name!r}: grid[{i}] must be an int, got {type(d).__name__} {d!r}")
+        v = operator.index(d)
+        if not 0 <= v < 2**32:
+            raise ValueError(f"kernel {name!r}: grid[{i}]={v} is outside [0, 2**32)")
+        out.append(v)
+    out += [1] * (3 - len(out))
+    return out[0], out[1], out[2]
+
+
+def _scalar(value: Any, where: str) -> ScalarArg:
+    """One scalar, as :func:`kbus.runtime.builtins.encode_scalar` does: numpy scalars keep their dtype."""
+    if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+        try:
+            name = dtype_name(value.dtype)
+        except TypeError as exc:
+            raise TypeError(f"{where}: {exc}") from None
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where}: {value} is not finite; only finite floats cross the wire")
+        return ScalarArg(name, item)
+    if isinstance(value, bool | np.bool_):
+        return ScalarArg("int", int(value))
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{where}: {value} does not fit in a 64-bit integer")
+        return ScalarArg("int", value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {value} is not finite; only finite floats cross the wire")
+        return ScalarArg("float", value)
+    raise TypeError(f"{where}: expected a kbus tensor or an int/float/bool scalar, got {type(value).__name__}")
+
+
+def _shard_dim(value: Any, shape: tuple[int, ...]) -> int:
+    """The split dimension of a tensor (-1 when replicated), from ``shard_dim`` or its policy."""
+    sd = getattr(value, "shard_dim", None)
+    if sd is not None:
+        return int(sd)
+    policy = getattr(value, "policy", None)
+    dim = getattr(policy, "dim", None)
+    if policy is None or dim is None:
+        return -1 if policy is not None or len(value.shards) <= 1 else 0
+    return int(dim) % len(shape) if shape else 0
+
+
+def _tensor_args(value: Any, where: str) -> tuple[list[Any], TensorArg]:
+    """The argument group of a tensor (see :mod:`kbus.lang.runner`)."""
+    shards = []
+    for s in value.shards:
+        if isinstance(s, TensorArgShard):
+            shards.append(s)
+            continue
+        offset = getattr(s, "offset_bytes", None)
+        if offset is None:
+            offset = s.offset
+        shards.append(TensorArgShard(int(s.sip), int(s.cube), int(s.pe), int(s.pa), int(s.nbytes), int(offset)))
+    try:
+        elem = dtype_name(value.dtype)
+    except TypeError as exc:
+        raise TypeError(f"{where}: {exc}") from None
+    shape = tuple(int(n) for n in value.shape)
+    ta = TensorArg(tuple(shards), va_base=int(value.addr))
+    group: list[Any] = [ta, ScalarArg(elem, len(shape))]
+    group += [ScalarArg("i64", n) for n in shape]
+    group.append(ScalarArg("i64", _shard_dim(value, shape)))
+    return group, ta
+
+
+def _pack(kern: Kernel, values: dict[str, Any]) -> tuple[list[Any], TensorArg | None]:
+    args: list[Any] = []
+    first: TensorArg | None = None
+    for p in kern.params:
+        v = values[p.name]
+        where = f"kernel {kern.short_name!r} argument {p.name!r}"
+        if p.constexpr:
+            args.append(_scalar(v, where + " (constexpr)"))
+        elif _is_tensor(v):
+            group, ta = _tensor_args(v, where)
+            args += group
+            if first is None:
+                first = ta
+        else:
+            args.append(_scalar(v, where))
+    return args, first
+
+
+def _failure(kern: Kernel, exc: DeviceError) -> KernelError:
+    responses: tuple[ResponseMsg, ...] = exc.responses
+    failed = [r for r in responses if not r.success]
+    if not failed:
+        return KernelError(f"kernel {kern.short_name!r} launch failed: {exc}", responses)
+    shown = "; ".join(r.error or "(no reason given)" for r in failed[:3])
+    more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    return KernelError(
+        f"kernel {kern.short_name!r} failed on {len(failed)} of {len(responses)} PE(s): {shown}{more}", responses
+    )
+
+
+async def launch(
+    target: Any,
+    kern: Kernel,
+    grid: GridSpec,
+    args: tuple[Any, ...] | list[Any] = (),
+    *,
+    placement: str = "spread",
+    wait_inputs: bool = True,
+    **constexprs: Any,
+) -> LaunchResult:
+    """Run ``kern`` over ``grid`` on the device of ``target`` (runtime handle or Device).
+
+    ``args`` are the kernel's arguments in order (tensors and scalars);
+    constexprs (and any argument) may also be given by keyword. ``grid`` is an
+    int, a tuple of up to three ints, or a callable receiving the arguments by
+    name. ``placement`` is ``"spread"`` (round-robin over the PEs) or
+    ``"owner"`` (each instance on the PE owning its block of the first tensor
+    argument; see :mod:`kbus.lang.runner`). Raises :class:`kbus.KernelError`
+    if any instance fails.
+
+    ``wait_inputs=False`` skips ``await tensor`` on the tensor arguments: for
+    a caller (the runtime's work queue) that has already ordered the launch
+    after the work producing them.
+    """
+    if not isinstance(kern, Kernel):
+        raise TypeError(f"launch() takes a @kbus.kernel, got {type(kern).__name__}")
+    values = kern.bind(tuple(args), constexprs)
+    return await _launch(device_of(target), kern, grid, values, placement, wait_inputs)
+
+
+async def _launch(
+    device: Device, kern: Kernel, grid_spec: Any, values: dict[str, Any], placement: str, wait_inputs: bool = True
+) -> LaunchResult:
+    sim = device.sim
+    name = kern.short_name
+    if placement not in PLACEMENTS:
+        raise ValueError(f"kernel {name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    grid = _grid(grid_spec, values, name)
+    if wait_inputs:
+        for v in values.values():
+            if _is_tensor(v) and hasattr(v, "__await__"):
+                await v
+    start = sim.now
+    params, first = _pack(kern, values)
+    st = state_of(device)
+    n = grid[0] * grid[1] * grid[2]
+    if n == 0:
+        return LaunchResult(name, grid, placement, 0, 0, 0, start, sim.now, False)
+    dep, wrote = await _deployment(device, st, kern)
+    if wrote:
+        st.misses += 1
+    else:
+        st.hits += 1
+    cfg = device.config
+    if placement == "owner" and first is not None and first.shards:
+        owners = owner_of_programs(first.shards, grid[0], cfg)
+        sips, cubes, pe = owner_targets(owners, cfg)
+    else:
+        placement = "spread"
+        sips, cubes, pe = spread_targets(cfg, n)
+    trailer = [ScalarArg("i64", g) for g in grid] + [ScalarArg("i64", PLACEMENTS[placement])]
+    msg = KernelLaunchMsg("kbus.lang", f"launch-{next(_ids)}", dep.ref(), (*params, *trailer), cubes, pe, sips)
+    st.launches += 1
+    try:
+        responses = await device.request(msg)
+    except DeviceError as exc:
+        corrupt = any("bad code blob" in (r.error or "") for r in exc.responses if not r.success)
+        if corrupt and st.programs.get(kern.id) is dep:
+            del st.programs[kern.id]  # the next launch deploys a fresh copy
+        raise _failure(kern, exc) from None
+    ran = sum(int(r.value or 0) for r in responses)
+    if ran != n:
+        raise KernelError(f"kernel {name!r}: the PEs ran {ran} program instances, the grid {grid} has {n}", responses)
+    active = sum(1 for r in responses if r.value)
+    return LaunchResult(name, grid, placement, len(responses), active, n, start, sim.now, wrote)
+
+
+class Launcher:
+    """``kernel[grid]``: call it with the kernel's arguments to get an awaitable launch.
+
+    ``torch=`` names the runtime handle (or Device) when no tensor argument
+    leads to it; ``placement=`` is as for :func:`launch`. Every other keyword
+    is a kernel argument (typically the constexprs).
+    """
+
+    __slots__ = ("grid", "kernel")
+
+    def __init__(self, kern: Kernel, grid: Any) -> None:
+        self.kernel = kern
+        self.grid = grid
+
+    def __call__(
+        self, *args: Any, torch: Any = None, placement: str = "spread", **kwargs: Any
+    ) -> Coroutine[Any, Any, LaunchResult]:
+        values = self.kernel.bind(args, kwargs)
+        target = torch if torch is not None else _find_target(values)
+        if target is None:
+            raise TypeError(
+                f"kernel {self.kernel.short_name!r}: cannot tell which device to run on: no tensor argument "
+                "refers to a runtime; pass torch=<handle from kbus.open_device> (or a Device)"
+            )
+        return _launch(device_of(target), self.kernel, self.grid, values, placement)
+
+    def __repr__(self) -> str:
+        return f"<Launcher {self.kernel.short_name}[{self.grid!r}]>"
