@@ -378,10 +378,18 @@ class Device:
         if self.on_request is not None:
             self.on_request("begin", msg, None, self.sim.now)
         sip = self._entry_sip(msg)
+        sent = False
         try:
             await self.host_links[sip].send(msg, self.pcie_eps[sip].inbox, self.config.fabric.msg_bytes)
+            sent = True
             responses = await fut
         except BaseException:
+            if not sent:
+                # Cancelled while still going onto the host link: the message never
+                # entered the device, so nothing will answer it.
+                self._pending.pop(key, None)
+                if self.on_request is not None:
+                    self.on_request("end", msg, (), self.sim.now)
             if not fut.done():
                 # Abandoned (cancelled) by the caller: keep collecting so late responses are not orphans.
                 fut.set_exception(DeviceError(f"{msg.msg_type} {msg.request_id!r} was abandoned by its caller"))
