@@ -339,7 +339,7 @@ class PeCpu(PeBlock):
     """The PE's control CPU: runs kernels named by KernelLaunchMsg.
 
     Builtin kernels are looked up in the device's kernel registry
-    (:attr:`Device.kernels`); ``builtin:nop`` is always there. An unknown
+    (:attr:`Device.builtins`); ``builtin:nop`` is always there. An unknown
     kernel fails with a reason naming it.
     """
 

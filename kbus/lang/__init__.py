@@ -61,7 +61,16 @@ from .language import (
     where,
     zeros,
 )
-from .launch import KernelCacheInfo, Launcher, LaunchResult, deploy, kernel_cache_info, launch
+from .launch import (
+    KernelCacheInfo,
+    Launcher,
+    LaunchHandle,
+    LaunchResult,
+    deploy,
+    kernel_cache_info,
+    launch,
+    queue_launch,
+)
 from .runner import Deployment, code_region
 
 jit = kernel
@@ -74,6 +83,7 @@ __all__ = [
     "Kernel",
     "KernelCacheInfo",
     "KernelId",
+    "LaunchHandle",
     "LaunchResult",
     "Launcher",
     "Pointer",
@@ -107,6 +117,7 @@ __all__ = [
     "minimum",
     "num_programs",
     "program_id",
+    "queue_launch",
     "sqrt",
     "store",
     "sum",

@@ -112,6 +112,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
 
 _NAMES: dict[np.dtype[Any], str] = {dt: name for name, dt in DTYPES.items()}
 
+
 def as_dtype(dtype: Any, what: str = "dtype") -> np.dtype[Any]:
     """A supported numpy dtype from a numpy dtype, a numpy type or a name (``"f32"`` or ``"float32"``)."""
     if isinstance(dtype, str) and dtype in DTYPES:

@@ -4,15 +4,18 @@
 
 1. bind the arguments to the kernel's signature and evaluate the grid (a
    tuple, or a callable of the arguments by name, Triton style);
-2. wait until every tensor argument is ready (``await tensor``);
+2. order the launch after the work producing its tensor arguments: on the
+   runtime's work queue (``torch.submit``) when there is one, else by
+   awaiting each tensor (see :func:`start`);
 3. make sure the kernel's code blob is deployed on this device: the first
    launch writes it with a ``MemoryWriteMsg`` from a host buffer into the code
    region (:func:`~kbus.lang.runner.code_region`), later launches reuse it
    (the *program cache*, keyed by kernel identity, one per device);
-4. send one ``KernelLaunchMsg`` naming the blob by location, with a
-   ``TensorArg`` per tensor and a ``ScalarArg`` per scalar and constexpr, plus
-   the grid, the placement and the pointer types, to the PEs that run
-   instances; every PE answers with how many instances it ran.
+4. send one ``KernelLaunchMsg`` naming the blob by location, with the
+   arguments in the convention of :mod:`kbus.runtime.builtins` (a tensor is a
+   ``TensorArg`` plus ``ScalarArg``s for its dtype, shape and shard dimension;
+   a scalar or constexpr one ``ScalarArg``), then the grid and the placement,
+   to the PEs that run instances; every PE answers with how many it ran.
 
 A failed PE answer becomes :class:`kbus.KernelError` (the device stays usable).
 If a PE found the deployed blob corrupt, the program cache forgets that
@@ -25,13 +28,14 @@ import hashlib
 import itertools
 import math
 import operator
-from collections.abc import Callable, Coroutine
+import warnings
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
-from ..errors import DeviceError, KernelError
+from ..errors import DeviceError, KernelError, OutOfDeviceMemory
 from ..hw.device import Device
 from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
 from .kernel import Kernel
@@ -49,7 +53,18 @@ from .runner import (
 if TYPE_CHECKING:
     from ..sim import SimFuture
 
-__all__ = ["KernelCacheInfo", "LaunchResult", "Launcher", "deploy", "device_of", "kernel_cache_info", "launch"]
+__all__ = [
+    "KernelCacheInfo",
+    "LaunchHandle",
+    "LaunchResult",
+    "Launcher",
+    "deploy",
+    "device_of",
+    "kernel_cache_info",
+    "launch",
+    "queue_launch",
+    "start",
+]
 
 _ids = itertools.count()
 _RUNTIME_ATTRS = ("device", "runtime", "_runtime", "torch")
@@ -107,9 +122,7 @@ def device_of(target: Any) -> Device:
     dev = getattr(target, "device", None)
     if isinstance(dev, Device):
         return dev
-    raise TypeError(
-        f"expected a runtime handle (from kbus.open_device) or a kbus Device, got {type(target).__name__}"
-    )
+    raise TypeError(f"expected a runtime handle (from kbus.open_device) or a kbus Device, got {type(target).__name__}")
 
 
 def _is_tensor(value: Any) -> bool:
@@ -145,8 +158,17 @@ async def _write_blob(device: Device, st: DeviceState, kern: Kernel) -> Deployme
     try:
         await device.request(
             MemoryWriteMsg(
-                "kbus.lang", f"deploy-{n}", s, c, p, pa, int(blob.size), src_kind="host_buffer_ref",
-                target_cubes=(c,), target_pe=p, host_buffer=name,
+                "kbus.lang",
+                f"deploy-{n}",
+                s,
+                c,
+                p,
+                pa,
+                int(blob.size),
+                src_kind="host_buffer_ref",
+                target_cubes=(c,),
+                target_pe=p,
+                host_buffer=name,
             )
         )
     finally:
@@ -297,6 +319,32 @@ def _failure(kern: Kernel, exc: DeviceError) -> KernelError:
     )
 
 
+def queue_launch(
+    target: Any,
+    kern: Kernel,
+    grid: GridSpec,
+    args: tuple[Any, ...] | list[Any] = (),
+    *,
+    placement: str = "spread",
+    **constexprs: Any,
+) -> Awaitable[LaunchResult]:
+    """Check a launch of ``kern`` over ``grid`` now and queue it; ``await`` the result for its :class:`LaunchResult`.
+
+    ``target`` is a runtime handle (``kbus.open_device``) or a Device.
+    ``args`` are the kernel's arguments in order (tensors and scalars);
+    constexprs (and any argument) may also be given by keyword. ``grid`` is an
+    int, a tuple of up to three ints, or a callable receiving the arguments by
+    name. ``placement`` is ``"spread"`` (round-robin over the PEs) or
+    ``"owner"`` (each instance on the PE owning its block of the first tensor
+    argument; see :mod:`kbus.lang.runner`). Host-side mistakes raise here;
+    awaiting raises :class:`kbus.KernelError` if any instance failed. See
+    :func:`start` for how the launch is ordered with other work.
+    """
+    if not isinstance(kern, Kernel):
+        raise TypeError(f"launch() takes a @kbus.kernel, got {type(kern).__name__}")
+    return start(target, kern, grid, kern.bind(tuple(args), constexprs), placement)
+
+
 async def launch(
     target: Any,
     kern: Kernel,
@@ -304,47 +352,122 @@ async def launch(
     args: tuple[Any, ...] | list[Any] = (),
     *,
     placement: str = "spread",
-    wait_inputs: bool = True,
     **constexprs: Any,
 ) -> LaunchResult:
-    """Run ``kern`` over ``grid`` on the device of ``target`` (runtime handle or Device).
+    """``await queue_launch(...)``: run ``kern`` over ``grid`` and return its :class:`LaunchResult`."""
+    return await queue_launch(target, kern, grid, args, placement=placement, **constexprs)
 
-    ``args`` are the kernel's arguments in order (tensors and scalars);
-    constexprs (and any argument) may also be given by keyword. ``grid`` is an
-    int, a tuple of up to three ints, or a callable receiving the arguments by
-    name. ``placement`` is ``"spread"`` (round-robin over the PEs) or
-    ``"owner"`` (each instance on the PE owning its block of the first tensor
-    argument; see :mod:`kbus.lang.runner`). Raises :class:`kbus.KernelError`
-    if any instance fails.
 
-    ``wait_inputs=False`` skips ``await tensor`` on the tensor arguments: for
-    a caller (the runtime's work queue) that has already ordered the launch
-    after the work producing them.
+def start(target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], placement: str) -> Awaitable[LaunchResult]:
+    """Check and queue a launch of ``kern`` with bound ``values``; return an awaitable of its result.
+
+    Everything that can be checked on the host (grid, placement, argument
+    types) is checked here, at the call. With a runtime handle that offers
+    ``submit`` (``kbus.open_device``), the launch joins the runtime's work
+    queue at once, ordered like an operation that *writes every tensor
+    argument* (a kernel may store through any pointer): it starts after the
+    work producing them, later work on them waits for it, and a free waits for
+    it. A kernel failure is raised by awaiting the returned
+    :class:`LaunchHandle` and does not fail the tensor arguments: they stay
+    usable, holding whatever the instances stored before the failure. With a
+    bare Device the returned coroutine awaits each tensor argument that is
+    awaitable, then launches.
     """
-    if not isinstance(kern, Kernel):
-        raise TypeError(f"launch() takes a @kbus.kernel, got {type(kern).__name__}")
-    values = kern.bind(tuple(args), constexprs)
-    return await _launch(device_of(target), kern, grid, values, placement, wait_inputs)
-
-
-async def _launch(
-    device: Device, kern: Kernel, grid_spec: Any, values: dict[str, Any], placement: str, wait_inputs: bool = True
-) -> LaunchResult:
-    sim = device.sim
     name = kern.short_name
     if placement not in PLACEMENTS:
         raise ValueError(f"kernel {name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    grid = _grid(grid_spec, values, name)
-    if wait_inputs:
-        for v in values.values():
-            if _is_tensor(v) and hasattr(v, "__await__"):
-                await v
-    start = sim.now
+    device = device_of(target)
+    dims = _grid(grid, values, name)
     params, first = _pack(kern, values)
+    tensors = [v for v in values.values() if _is_tensor(v)]
+    submit = None if isinstance(target, Device) else getattr(target, "submit", None)
+    if not callable(submit):
+        return _after_inputs(tensors, _send(device, kern, dims, params, first, placement))
+    label = f"kernel {name}[{', '.join(map(str, dims))}]"
+
+    async def work() -> LaunchResult | BaseException:
+        try:
+            return await _send(device, kern, dims, params, first, placement)
+        except (DeviceError, OutOfDeviceMemory) as exc:
+            return exc  # the launch's own failure: reported to its awaiter, not to the tensors
+
+    writes = list({id(t): t for t in tensors}.values())
+    return LaunchHandle(submit(work, writes=writes, label=label), label)
+
+
+class LaunchHandle:
+    """A launch queued on a runtime's work queue: ``await`` it for the :class:`LaunchResult`.
+
+    Awaiting raises the launch's :class:`kbus.KernelError` if it failed. A
+    failed launch whose handle is dropped without being awaited warns
+    (``RuntimeWarning``), as asyncio does for a failed future nobody read,
+    because its tensor arguments do not carry the failure.
+    """
+
+    __slots__ = ("_future", "_seen", "label")
+
+    def __init__(self, future: Any, label: str) -> None:
+        self._future = future
+        self._seen = False
+        self.label = label
+
+    def done(self) -> bool:
+        """True once the launch has finished (successfully or not)."""
+        return bool(self._future.done())
+
+    def __await__(self) -> Generator[Any, None, LaunchResult]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> LaunchResult:
+        self._seen = True
+        outcome = await self._future
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result: LaunchResult = outcome
+        return result
+
+    def __del__(self) -> None:
+        fut = self._future
+        if self._seen or not fut.done():
+            return
+        try:
+            outcome = fut.result()
+        except BaseException as exc:  # the command itself failed (an input was unavailable)
+            outcome = exc
+        if isinstance(outcome, BaseException):
+            warnings.warn(f"{self.label} failed and was never awaited: {outcome}", RuntimeWarning, stacklevel=1)
+
+    def __repr__(self) -> str:
+        return f"<LaunchHandle {self.label} {'done' if self.done() else 'pending'}>"
+
+
+async def _after_inputs(tensors: list[Any], launch: Coroutine[Any, Any, LaunchResult]) -> LaunchResult:
+    try:
+        for t in tensors:
+            if hasattr(t, "__await__"):
+                await t
+    except BaseException:
+        launch.close()
+        raise
+    return await launch
+
+
+async def _send(
+    device: Device,
+    kern: Kernel,
+    grid: tuple[int, int, int],
+    params: list[Any],
+    first: TensorArg | None,
+    placement: str,
+) -> LaunchResult:
+    """Deploy if needed, send the KernelLaunchMsg, check the answers."""
+    sim = device.sim
+    name = kern.short_name
+    start_ps = sim.now
     st = state_of(device)
     n = grid[0] * grid[1] * grid[2]
     if n == 0:
-        return LaunchResult(name, grid, placement, 0, 0, 0, start, sim.now, False)
+        return LaunchResult(name, grid, placement, 0, 0, 0, start_ps, sim.now, False)
     dep, wrote = await _deployment(device, st, kern)
     if wrote:
         st.misses += 1
@@ -359,7 +482,6 @@ async def _launch(
         sips, cubes, pe = spread_targets(cfg, n)
     trailer = [ScalarArg("i64", g) for g in grid] + [ScalarArg("i64", PLACEMENTS[placement])]
     msg = KernelLaunchMsg("kbus.lang", f"launch-{next(_ids)}", dep.ref(), (*params, *trailer), cubes, pe, sips)
-    st.launches += 1
     try:
         responses = await device.request(msg)
     except DeviceError as exc:
@@ -371,7 +493,7 @@ async def _launch(
     if ran != n:
         raise KernelError(f"kernel {name!r}: the PEs ran {ran} program instances, the grid {grid} has {n}", responses)
     active = sum(1 for r in responses if r.value)
-    return LaunchResult(name, grid, placement, len(responses), active, n, start, sim.now, wrote)
+    return LaunchResult(name, grid, placement, len(responses), active, n, start_ps, sim.now, wrote)
 
 
 class Launcher:
@@ -390,7 +512,7 @@ class Launcher:
 
     def __call__(
         self, *args: Any, torch: Any = None, placement: str = "spread", **kwargs: Any
-    ) -> Coroutine[Any, Any, LaunchResult]:
+    ) -> Awaitable[LaunchResult]:
         values = self.kernel.bind(args, kwargs)
         target = torch if torch is not None else _find_target(values)
         if target is None:
@@ -398,7 +520,7 @@ class Launcher:
                 f"kernel {self.kernel.short_name!r}: cannot tell which device to run on: no tensor argument "
                 "refers to a runtime; pass torch=<handle from kbus.open_device> (or a Device)"
             )
-        return _launch(device_of(target), self.kernel, self.grid, values, placement)
+        return start(target, self.kernel, self.grid, values, placement)
 
     def __repr__(self) -> str:
         return f"<Launcher {self.kernel.short_name}[{self.grid!r}]>"

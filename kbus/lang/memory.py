@@ -75,6 +75,7 @@ SPAN_SPARSITY = 16
 """A span up to this many times the bytes of the active lanes is still read in one piece."""
 
 _COMPUTE, _LOAD, _STORE = 0, 1, 2
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # skip numpy's Python-level min()/max() wrappers
 
 _current: ContextVar[ProgramContext | None] = ContextVar("kbus_lang_program", default=None)
 
@@ -117,8 +118,20 @@ class Layout:
     All three are vectorized over the lanes.
     """
 
-    __slots__ = ("_kind", "_lens", "_offs", "_row", "_starts", "_vas", "dtype", "itemsize", "numel", "shape",
-                 "shard_dim", "va_base")
+    __slots__ = (
+        "_kind",
+        "_lens",
+        "_offs",
+        "_row",
+        "_starts",
+        "_vas",
+        "dtype",
+        "itemsize",
+        "numel",
+        "shape",
+        "shard_dim",
+        "va_base",
+    )
 
     _CONTIG, _GAPPED, _GENERAL = 0, 1, 2
 
@@ -240,6 +253,7 @@ class ProgramContext:
 
     __slots__ = (
         "_paths",
+        "_stores",
         "_token",
         "bytes_loaded",
         "bytes_stored",
@@ -266,6 +280,7 @@ class ProgramContext:
         grid: tuple[int, int, int],
         start_ps: int,
         paths: dict[tuple[Coord, Coord, bool], tuple[list[Link], list[Link]]],
+        stores: dict[tuple[int, int, int, bool], MemoryStore],
     ) -> None:
         self.device = device
         self.node = node
@@ -282,6 +297,7 @@ class ProgramContext:
         self.bytes_stored = 0
         self.dma_commands = 0
         self._paths = paths
+        self._stores = stores
         self._token: Any = None
 
     # ------------------------------------------------------------- lifecycle
@@ -358,17 +374,13 @@ class ProgramContext:
         dtype = layout.dtype
         itemsize = dtype.itemsize
         acc = self._locate(layout, active, f"kl.store to {what}")
-        idx = acc.elem_index
-        n = idx.size
-        dense = acc.nbytes == n * itemsize and bool(idx[0] == 0) and (n == 1 or bool((np.diff(idx) == 1).all()))
-        if dense:
-            buf = np.ascontiguousarray(vals).view(np.uint8).reshape(-1)
-        else:
-            # Read-modify-write of the pieces the lanes touch; bytes between lanes are kept.
-            buf = np.empty(acc.nbytes, dtype=np.uint8)
-            for seg, off in acc.segs:
-                self._store(seg).read_into(seg.pa, buf[off : off + seg.nbytes])
-            buf.view(dtype)[idx] = vals
+        # Read-modify-write of the pieces the lanes touch, so bytes between lanes are kept. (Telling a
+        # dense store apart costs as much numpy work as the read it would save.)
+        buf = np.empty(acc.nbytes, dtype=np.uint8)
+        for seg, off in acc.segs:
+            self._store(seg).read_into(seg.pa, buf[off : off + seg.nbytes])
+        buf.view(dtype)[acc.elem_index] = vals
+        n = acc.elem_index.size
         counts = self._lanes_per_segment(acc)
         for (seg, off), k in zip(acc.segs, counts, strict=True):
             if k:
@@ -384,13 +396,13 @@ class ProgramContext:
         addrs: I64Array | None = None
         if layout.is_contiguous:
             # Work in element offsets: one pass fewer than byte addresses for the common case.
-            first = int(active.min())
+            first = int(_MIN(active))
             lo = layout.va_base + first * itemsize
-            span = (int(active.max()) - first) * itemsize + itemsize
+            span = (int(_MAX(active)) - first) * itemsize + itemsize
         else:
             addrs = layout.addresses(active, what)
-            lo = int(addrs.min())
-            span = int(addrs.max()) + itemsize - lo
+            lo = int(_MIN(addrs))
+            span = int(_MAX(addrs)) + itemsize - lo
         if span <= SPAN_LIMIT or span <= SPAN_SPARSITY * active.size * itemsize:
             try:
                 segs = mmu.translate(lo, span)
@@ -421,8 +433,13 @@ class ProgramContext:
         return _Access(int(lens.sum()), laid, elem_index, layout, active, addrs)
 
     def _store(self, seg: Segment) -> MemoryStore:
-        mem, _ = self.device.memory_of((seg.sip, seg.cube, seg.pe), seg.pa, seg.nbytes)
-        return mem.store_for(seg.pe)
+        """The byte store holding ``seg`` (cached per owner and memory; the store checks the range)."""
+        key = (seg.sip, seg.cube, seg.pe, seg.pa < self.device.config.memory.sram_per_pe)
+        store = self._stores.get(key)
+        if store is None:
+            mem, _ = self.device.memory_of((seg.sip, seg.cube, seg.pe), seg.pa, seg.nbytes)
+            store = self._stores[key] = mem.store_for(seg.pe)
+        return store
 
     def _lanes_per_segment(self, acc: _Access) -> list[int]:
         if len(acc.segs) == 1:

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import DeviceError, OutOfDeviceMemory
-from ..mem import PageFault, Segment
+from ..mem import MemoryStore, PageFault, Segment
 from ..protocol import KernelLaunchMsg, KernelRef, ScalarArg, TensorArg, TensorArgShard
 from .kernel import MAX_BLOB, BlobError, Kernel, KernelId, decode_blob, lookup
 from .language import DTYPES, Pointer
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ..hw.config import DeviceConfig
     from ..hw.device import Device
     from ..protocol.messages import PeTarget, Targets
-    from ..sim import Link
+    from ..sim import Link, SimFuture
 
 __all__ = ["PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
 
@@ -92,7 +92,12 @@ class Deployment:
         """The ``KernelRef`` a launch sends: the location, never the code."""
         s, c, p = self.coord
         return KernelRef(
-            self.kernel_id.name, "deployed", deploy_pa=self.pa, deploy_sip=s, deploy_cube=c, deploy_pe=p,
+            self.kernel_id.name,
+            "deployed",
+            deploy_pa=self.pa,
+            deploy_sip=s,
+            deploy_cube=c,
+            deploy_pe=p,
             nbytes_code=self.nbytes,
         )
 
@@ -105,7 +110,6 @@ class DeviceState:
     """Everything the kernel language keeps per device (host program cache, PE code caches, counters)."""
 
     def __init__(self, device: Device) -> None:
-        self.device_ref = weakref.ref(device)
         coord, base, size = code_region(device.config)
         self.code_coord = coord
         self.code_base = base
@@ -113,16 +117,21 @@ class DeviceState:
         self.code_next = base
         # host side
         self.programs: dict[KernelId, Deployment] = {}
-        self.deploying: dict[KernelId, Any] = {}
+        self.deploying: dict[KernelId, SimFuture[Deployment]] = {}
+        """Deployments being written now: a concurrent first launch waits on it instead of writing again."""
         self.hits = 0
         self.misses = 0
         self.deployments = 0
-        self.launches = 0
         # device side
         self.pe_code: dict[Coord, dict[tuple[Any, ...], Kernel]] = {}
         self.pe_fetches = 0
         self.pe_hits = 0
         self.paths: dict[tuple[Coord, Coord, bool], tuple[list[Link], list[Link]]] = {}
+        self.stores: dict[tuple[int, int, int, bool], MemoryStore] = {}
+        self.last_launch: tuple[tuple[KernelRef, tuple[Any, ...]], _Launch, npt.NDArray[np.int64] | None] | None = None
+        """The decoded form of the launch most recently received, keyed by its code reference and
+        arguments: every PE of a launch decodes the same message to the same values, so the first
+        PE's work is reused (a pure memo; an equal message decodes equally)."""
 
     def alloc_code(self, nbytes: int) -> int:
         """A 64-byte aligned PA in the code region (bump allocation: code is never freed or overwritten)."""
@@ -133,7 +142,10 @@ class DeviceState:
             free = self.code_end - self.code_next
             raise OutOfDeviceMemory(
                 f"{where}: no room for a {nbytes}-byte kernel blob ({free} bytes left)",
-                where=where, requested=nbytes, free=free, largest=free,
+                where=where,
+                requested=nbytes,
+                free=free,
+                largest=free,
             )
         pa = self.code_next
         self.code_next += size
@@ -321,14 +333,13 @@ def decode_launch(kern: Kernel, args: tuple[Any, ...], page_size: int) -> _Launc
     return _Launch(values, grid, placement, first)
 
 
-def my_instances(cpu: PeCpu, msg: KernelLaunchMsg, launch: _Launch) -> list[int]:
+def my_instances(cpu: PeCpu, msg: KernelLaunchMsg, launch: _Launch, owners: npt.NDArray[np.int64] | None) -> list[int]:
     """Linear ids of the program instances this PE runs, ascending (see the module docstring)."""
     dev = cpu.device
     g0, g1, g2 = launch.grid
     total = g0 * g1 * g2
     me = (cpu.sip, cpu.cube, cpu.pe)
-    if launch.placement == "owner" and launch.first_tensor is not None and launch.first_tensor.shards:
-        owners = owner_of_programs(launch.first_tensor.shards, g0, dev.config)
+    if owners is not None:
         mine = np.flatnonzero(owners == linear_pe(dev.config, me))
         if mine.size == 0:
             return []
@@ -398,7 +409,7 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
     pid = (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
     start = sim.now
     node = dev.pes[cpu.sip][cpu.cube][cpu.pe]
-    ctx = ProgramContext(dev, node, kern.short_name, pid, launch.grid, start, st.paths)
+    ctx = ProgramContext(dev, node, kern.short_name, pid, launch.grid, start, st.paths, st.stores)
     tracer = sim.tracer
     if tracer is not None:
         tracer.emit("kernel", kern.short_name, cpu.name, start, None, {"program_id": list(pid)})
@@ -441,6 +452,23 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
     return error
 
 
+def _decoded(
+    cpu: PeCpu, kern: Kernel, msg: KernelLaunchMsg, st: DeviceState
+) -> tuple[_Launch, npt.NDArray[np.int64] | None]:
+    """The launch's values and, for owner placement, the owner of each pid0 (memoized per message)."""
+    key = (msg.kernel_ref, msg.args)
+    last = st.last_launch
+    if last is not None and (last[0] is key or last[0] == key):
+        return last[1], last[2]
+    launch = decode_launch(kern, msg.args, cpu.device.config.memory.page_size)
+    owners = None
+    first = launch.first_tensor
+    if launch.placement == "owner" and first is not None and first.shards:
+        owners = owner_of_programs(first.shards, launch.grid[0], cpu.device.config)
+    st.last_launch = (key, launch, owners)
+    return launch, owners
+
+
 async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, Any]:
     """PE_CPU's handler for deployed kernels: fetch/check the code, run this PE's instances.
 
@@ -452,8 +480,8 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
     if kern is None:
         return error, None
     try:
-        launch = decode_launch(kern, msg.args, cpu.device.config.memory.page_size)
-        ids = my_instances(cpu, msg, launch)
+        launch, owners = _decoded(cpu, kern, msg, st)
+        ids = my_instances(cpu, msg, launch, owners)
     except (LaunchFormatError, ValueError) as exc:
         return f"{cpu.name}: kernel {kern.short_name!r}: malformed launch: {exc}", None
     for linear in ids:

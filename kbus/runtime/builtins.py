@@ -23,7 +23,9 @@ describe it (the protocol's ``TensorArg`` carries only shards and a VA)::
 A scalar operand is one ``ScalarArg``: ``dtype`` is a device dtype name
 (``"f32"``...) for a numpy scalar, or ``"float"``/``"int"`` for a Python
 number, which numpy then treats as *weak* (``f32_tensor + 2.0`` stays f32, as
-in numpy). Further kernel parameters are ``ScalarArg("i64", n)``.
+in numpy). A NaN or infinity travels as ``ScalarArg("<name>.bits", ieee_bits)``
+since the wire form carries finite floats only. Further kernel parameters are
+``ScalarArg("i64", n)``.
 
 Replicated tensors list one shard per copy (``offset_bytes == 0``, full
 ``nbytes``); sharded tensors list their shards in storage order.
@@ -194,35 +196,58 @@ def encode_tensor(desc: TensorDesc) -> list[KernelArg]:
     return args
 
 
+_BITS: Final = ".bits"
+_INT_OF_SIZE: Final[dict[int, np.dtype[Any]]] = {2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
+
+
+def _as_bits(name: str, value: np.floating[Any]) -> ScalarArg:
+    """A non-finite float as the integer of its IEEE bits: the wire form has no NaN or infinity."""
+    return ScalarArg(name + _BITS, int(np.asarray(value).view(_INT_OF_SIZE[value.dtype.itemsize])))
+
+
 def encode_scalar(value: object) -> ScalarArg:
     """One scalar operand: numpy scalars keep their dtype, Python numbers stay weak.
 
-    Raises ``TypeError`` naming the value for anything else (complex, strings,
-    unsupported numpy dtypes).
+    NaN and infinities travel as ``ScalarArg("<dtype>.bits", ieee_bits)``
+    (``"float.bits"`` for a Python float) because JSON and the codec only
+    carry finite floats. Raises ``TypeError`` naming the value for anything
+    else (complex, strings, unsupported numpy dtypes).
     """
     if isinstance(value, np.generic):
         name = DTYPE_NAMES.get(value.dtype)
         if name is None:
             raise TypeError(f"scalar {value!r} has unsupported dtype {value.dtype}")
+        if isinstance(value, np.floating) and not np.isfinite(value):
+            return _as_bits(name, value)
         return ScalarArg(name, value.item())
     if isinstance(value, bool):
         return ScalarArg("int", int(value))
     if isinstance(value, int):
         return ScalarArg("int", value)
     if isinstance(value, float):
-        return ScalarArg("float", value)
+        return ScalarArg("float", value) if math.isfinite(value) else _as_bits("float", np.float64(value))
     raise TypeError(f"expected a tensor or a real number, got {type(value).__name__} {value!r}")
 
 
 def decode_scalar(arg: ScalarArg) -> Scalar:
-    if arg.dtype == "float":
+    """The operand :func:`encode_scalar` encoded (a Python number for ``"float"``/``"int"``)."""
+    name = arg.dtype
+    if name.endswith(_BITS):
+        base = name[: -len(_BITS)]
+        dt = np.dtype(np.float64) if base == "float" else DTYPES_BY_NAME.get(base)
+        if dt is None or dt.kind != "f":
+            raise ValueError(f"scalar argument has unknown dtype {name!r}")
+        value: np.generic = dt.type(np.asarray(int(arg.value), _INT_OF_SIZE[dt.itemsize]).view(dt))
+        return float(value) if base == "float" else value
+    if name == "float":
         return float(arg.value)
-    if arg.dtype == "int":
+    if name == "int":
         return int(arg.value)
-    dt = DTYPES_BY_NAME.get(arg.dtype)
+    dt = DTYPES_BY_NAME.get(name)
     if dt is None:
-        raise ValueError(f"scalar argument has unknown dtype {arg.dtype!r}")
-    return dt.type(arg.value)  # type: ignore[no-any-return]
+        raise ValueError(f"scalar argument has unknown dtype {name!r}")
+    scalar: np.generic = dt.type(arg.value)
+    return scalar
 
 
 class ArgReader:

@@ -511,7 +511,10 @@ class Sim:
                     if when != self._now:
                         self._now = when
                         self.advances += 1
-                    target.fn(*target.args)
+                    try:
+                        target.fn(*target.args)
+                    except Exception as exc:  # a broken callback must not stop the clock
+                        self._callback_failed(target, exc)
                 elif not target.done():
                     if when != self._now:
                         self._now = when
@@ -521,6 +524,19 @@ class Sim:
             if self._runnable != 0:
                 return
         self._check_deadlock()
+
+    def _callback_failed(self, call: _Call, exc: Exception) -> None:
+        """Report a timer callback's exception to sim.run() and every host waiter."""
+        name = getattr(call.fn, "__qualname__", repr(call.fn))
+        exc.add_note(f"raised in timer callback {name!r} at {format_time(self._now)}")
+        if self._failure is None:
+            self._failure = exc
+        for w in self._run_waiters:
+            if not w.done():
+                self._wake_exc(w, exc)
+        for fut in list(self._host_waits):
+            if not fut.done():
+                self._wake_exc(fut, exc)
 
     def _check_deadlock(self) -> None:
         host_waits = [fut for fut in self._host_waits if not fut.done()]

@@ -102,10 +102,10 @@ class Inbox(Generic[M]):
     def offer(self, msg: M) -> bool:
         """Try to enqueue without blocking; True if the message was taken.
 
-        The message must already have passed :meth:`check`.
+        The message must already have passed :meth:`check` and ``transform``
+        (senders apply both, so a message that cannot cross this inbox fails in
+        the task that sent it, never inside the engine).
         """
-        if self.transform is not None:
-            msg = self.transform(msg)
         getters = self._getters
         while getters:
             g = getters.popleft()
@@ -128,6 +128,8 @@ class Inbox(Generic[M]):
     def put_nowait(self, msg: M) -> None:
         """Enqueue at once or raise :class:`InboxFull`."""
         self.check(msg)
+        if self.transform is not None:
+            msg = self.transform(msg)
         if not self.offer(msg):
             raise InboxFull(f"inbox {self.name!r} is full ({self.capacity} messages)")
 
@@ -138,6 +140,8 @@ class Inbox(Generic[M]):
         message stays delivered (it is never lost or duplicated).
         """
         self.check(msg)
+        if self.transform is not None:
+            msg = self.transform(msg)
         if self.offer(msg):
             return
         sim = self._sim
@@ -199,8 +203,6 @@ class Inbox(Generic[M]):
             fut, msg, on_admit = putters.popleft()
             if fut is not None and fut.done():
                 continue  # its task was cancelled before admission
-            if self.transform is not None:
-                msg = self.transform(msg)
             self._items.append(msg)
             self.received += 1
             if fut is not None:

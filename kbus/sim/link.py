@@ -123,6 +123,8 @@ class Link:
         if nbytes < 0:
             raise ValueError(f"link {self.name!r}: nbytes must be >= 0, got {nbytes}")
         inbox.check(msg)
+        if inbox.transform is not None:
+            msg = inbox.transform(msg)
         sim = self._sim
         t0 = sim._now
         deliver = await self._reserve(nbytes)

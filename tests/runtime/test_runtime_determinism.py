@@ -87,3 +87,21 @@ async def test_virtual_time_is_independent_of_host_pauses() -> None:
             return torch.now_ps - t0
 
     assert await script(False) == await script(True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wire", [False, True])
+async def test_non_finite_scalars_cross_the_wire(wire: bool) -> None:
+    """The codec carries finite floats only; NaN and infinities travel as their IEEE bits."""
+    x = np.array([1.0, -2.0, 0.0, 4.0], np.float32)
+    async with kbus.open_device("tiny", wire=wire) as torch:
+        a = torch.tensor(x)
+        with np.errstate(all="ignore"):
+            cases = [
+                (a + float("nan"), x + float("nan")),
+                (a * float("inf"), x * float("inf")),
+                (a - np.float32("-inf"), x - np.float32("-inf")),
+                (torch.full(4, float("nan")), np.full(4, np.nan, np.float32)),
+            ]
+        for t, want in cases:
+            np.testing.assert_array_equal(await t.numpy(), want)
