@@ -29,7 +29,7 @@ import kbus.lang as kl
 
 
 @kbus.kernel
-def add(x_ptr, y_ptr, out_ptr, n, BLOCK: kl.constexpr):  # type: ignore[no-untyped-def]
+def add(x_ptr, y_ptr, out_ptr, n, BLOCK: kl.constexpr):
     pid = kl.program_id(0)
     offs = pid * BLOCK + kl.arange(0, BLOCK)  # this instance's block of element offsets
     mask = offs < n  # the last block is ragged
@@ -67,8 +67,10 @@ async def main() -> None:
                 f"{kbus.format_time(res.duration_ps)} of device time ({note}), result checked"
             )
         info = kl.kernel_cache_info(torch)
-        print(f"kernel cache: {info.misses} miss, {info.hits} hits, {info.deployments} deployment, "
-              f"{info.pe_fetches} PE code fetches")
+        print(
+            f"kernel cache: {info.misses} miss, {info.hits} hits, {info.deployments} deployment, "
+            f"{info.pe_fetches} PE code fetches"
+        )
 
 
 if __name__ == "__main__":

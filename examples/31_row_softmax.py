@@ -28,7 +28,7 @@ import kbus.lang as kl
 
 
 @kbus.kernel
-def softmax(x_ptr, out_ptr, n_cols, row_stride, BLOCK: kl.constexpr):  # type: ignore[no-untyped-def]
+def softmax(x_ptr, out_ptr, n_cols, row_stride, BLOCK: kl.constexpr):
     row = kl.program_id(0)
     cols = kl.arange(0, BLOCK)
     mask = cols < n_cols

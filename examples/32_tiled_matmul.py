@@ -32,9 +32,7 @@ import kbus.lang as kl
 
 
 @kbus.kernel
-def matmul(  # type: ignore[no-untyped-def]
-    a_ptr, b_ptr, c_ptr, M, N, K, BM: kl.constexpr, BN: kl.constexpr, BK: kl.constexpr
-):
+def matmul(a_ptr, b_ptr, c_ptr, M, N, K, BM: kl.constexpr, BN: kl.constexpr, BK: kl.constexpr):
     rows = kl.program_id(0) * BM + kl.arange(0, BM)
     cols = kl.program_id(1) * BN + kl.arange(0, BN)
     acc = kl.zeros((BM, BN), kl.float32)
@@ -76,8 +74,10 @@ async def main() -> None:
                 f"{kbus.format_time(res.duration_ps)}, {flops / res.duration_ps:.2f} TFLOP/s, checked"
             )
         one_dot = torch.config.compute.flops_to_ps(2 * tiles["BM"] * tiles["BN"] * tiles["BK"])
-        print(f"  one 32x32x64 kl.dot costs {kbus.format_time(one_dot)} at "
-              f"{torch.config.compute.pe_flops / 1e12:.3f} TFLOP/s per PE")
+        print(
+            f"  one 32x32x64 kl.dot costs {kbus.format_time(one_dot)} at "
+            f"{torch.config.compute.pe_flops / 1e12:.3f} TFLOP/s per PE"
+        )
 
 
 if __name__ == "__main__":

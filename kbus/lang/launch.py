@@ -230,17 +230,25 @@ def _grid(spec: Any, meta: dict[str, Any], name: str) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
+_INT_OF_SIZE: dict[int, np.dtype[Any]] = {2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
+
+
+def _bits(name: str, value: np.floating[Any]) -> ScalarArg:
+    """A NaN or infinity as ``ScalarArg("<name>.bits", ieee_bits)``: the wire form carries finite floats only."""
+    return ScalarArg(name + ".bits", int(np.asarray(value).view(_INT_OF_SIZE[value.dtype.itemsize])))
+
+
 def _scalar(value: Any, where: str) -> ScalarArg:
-    """One scalar, as :func:`kbus.runtime.builtins.encode_scalar` does: numpy scalars keep their dtype."""
+    """One scalar, as :func:`kbus.runtime.builtins.encode_scalar` does: numpy scalars keep their dtype,
+    Python numbers travel as weak ``"int"``/``"float"``, non-finite floats as their IEEE bits."""
     if isinstance(value, np.generic) and not isinstance(value, np.bool_):
         try:
             name = dtype_name(value.dtype)
         except TypeError as exc:
             raise TypeError(f"{where}: {exc}") from None
-        item = value.item()
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"{where}: {value} is not finite; only finite floats cross the wire")
-        return ScalarArg(name, item)
+        if isinstance(value, np.floating) and not np.isfinite(value):
+            return _bits(name, value)
+        return ScalarArg(name, value.item())
     if isinstance(value, bool | np.bool_):
         return ScalarArg("int", int(value))
     if isinstance(value, int):
@@ -248,9 +256,7 @@ def _scalar(value: Any, where: str) -> ScalarArg:
             raise ValueError(f"{where}: {value} does not fit in a 64-bit integer")
         return ScalarArg("int", value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: {value} is not finite; only finite floats cross the wire")
-        return ScalarArg("float", value)
+        return ScalarArg("float", value) if math.isfinite(value) else _bits("float", np.float64(value))
     raise TypeError(f"{where}: expected a kbus tensor or an int/float/bool scalar, got {type(value).__name__}")
 
 

@@ -67,15 +67,19 @@ _LANG_DIR = str(Path(__file__).resolve().parent)
 
 
 def code_region(config: DeviceConfig) -> tuple[Coord, int, int]:
-    """Where deployed kernel code lives: ``((0, 0, 0), pa, nbytes)``, the top of PE (0,0,0)'s HBM slice.
+    """Where deployed kernel code lives: ``(coord, pa, nbytes)``, the top of the last PE's HBM slice.
 
-    The region is ``min(1 MiB, hbm_per_pe // 8)`` bytes. A runtime that
-    allocates HBM on PE (0,0,0) must leave it alone.
+    The region is ``min(1 MiB, hbm_per_pe // 8)`` bytes at the top of the HBM
+    slice of the device's last PE (the one furthest from where placements
+    start, so it rarely competes with tensors); the runtime's allocator for
+    that PE stops below it.
     """
     mem = config.memory
+    topo = config.topology
     size = min(CODE_REGION_MAX, mem.hbm_per_pe // 8)
     size -= size % 64
-    return (0, 0, 0), mem.hbm_base + mem.hbm_per_pe - size, size
+    coord = (topo.sips - 1, topo.cubes_per_sip - 1, topo.pes_per_cube - 1)
+    return coord, mem.hbm_base + mem.hbm_per_pe - size, size
 
 
 @attrs.frozen(repr=False)
@@ -251,9 +255,22 @@ class _Launch:
         self.first_tensor = first_tensor
 
 
+_INT_OF_SIZE: dict[int, np.dtype[Any]] = {2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
+
+
 def decode_scalar(arg: ScalarArg, where: str) -> Any:
-    """A scalar argument's value: Python ``int``/``float`` for ``"int"``/``"float"``, else a numpy scalar."""
+    """A scalar argument's value: Python ``int``/``float`` for ``"int"``/``"float"``, else a numpy scalar.
+
+    ``"<name>.bits"`` carries a NaN or infinity as the integer of its IEEE bits.
+    """
     name, value = arg.dtype, arg.value
+    if name.endswith(".bits"):
+        base = name[: -len(".bits")]
+        dt = np.dtype(np.float64) if base == "float" else DTYPES.get(base)
+        if dt is None or dt.kind != "f" or isinstance(value, bool) or not isinstance(value, int):
+            raise LaunchFormatError(f"{where}: bad non-finite float argument {arg!r}")
+        bits = np.asarray(value, dtype=_INT_OF_SIZE[dt.itemsize]).view(dt)
+        return float(bits) if base == "float" else dt.type(bits)
     if name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise LaunchFormatError(f"{where}: 'int' scalar {value!r} is not an integer")

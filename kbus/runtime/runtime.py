@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+import anyio
 import attrs
 import numpy as np
 import numpy.typing as npt
@@ -765,16 +766,54 @@ class Runtime:
     # -- generic launches ---------------------------------------------------------------
 
     def launch(
+        self,
+        name: Any,
+        *args: object,
+        targets: Sequence[Any] | None = None,
+        grid: Any = None,
+        placement: str = "spread",
+        **constexprs: Any,
+    ) -> Awaitable[Any]:
+        """Run a kernel: a builtin by ``name``, or a :func:`kbus.kernel` over ``grid``.
+
+        Builtins: ``torch.launch("add", a, b, out, targets=...)``; ``targets``
+        is None (every PE) or PE coordinates / global PE indices. Tensor
+        arguments are encoded as in :mod:`kbus.runtime.builtins`; the launch
+        waits for every tensor argument, and since the kernel may write them,
+        later work on them waits for the launch. ``await`` the result for the
+        responses; a failure raises :class:`~kbus.KernelError`.
+
+        Kernels of the kernel language: ``await torch.launch(kern, grid=(g0,),
+        args=(x, y, out, n), BLOCK=256)`` (``args=`` or positional arguments,
+        constexprs as keywords, ``placement="spread" | "owner"``) — the same
+        as ``kern[grid](x, y, out, n, BLOCK=256)``.
+        """
+        if not isinstance(name, str):
+            from ..lang import Kernel, queue_launch
+
+            if not isinstance(name, Kernel):
+                raise TypeError(
+                    f"launch(): expected a builtin kernel name or a @kbus.kernel function, got {type(name).__name__}"
+                )
+            if grid is None:
+                raise TypeError(f"launch({name.short_name}): grid= is required for a kernel launch")
+            extra = constexprs.pop("args", ())
+            kernel_args = (*tuple(extra), *args)
+            return queue_launch(self, name, grid, kernel_args, placement=placement, **constexprs)
+        if grid is not None or constexprs:
+            bad = ", ".join(["grid", *constexprs] if grid is not None else list(constexprs))
+            raise TypeError(f"launch({name!r}): builtin kernels take no {bad} argument(s)")
+        return self._launch_builtin(name, *args, targets=targets)
+
+    def kernel_cache_info(self) -> Any:
+        """Program cache counters of the kernel language on this device (hits, misses, deployments...)."""
+        from ..lang import kernel_cache_info
+
+        return kernel_cache_info(self)
+
+    def _launch_builtin(
         self, name: str, *args: object, targets: Sequence[Any] | None = None
     ) -> SimFuture[tuple[ResponseMsg, ...]]:
-        """Run the builtin kernel ``name`` with ``args`` (tensors or numbers) on ``targets``.
-
-        ``targets`` is None (every PE) or PE coordinates / global PE indices.
-        Tensor arguments are encoded as in :mod:`kbus.runtime.builtins`; the
-        launch waits for every tensor argument, and since the kernel may write
-        them, later work on them waits for the launch. ``await`` the result for
-        the responses; a failure raises :class:`~kbus.KernelError`.
-        """
         where = f"launch({name!r})"
         self._check_open(where)
         if name not in self.device.builtins:
@@ -937,7 +976,13 @@ class Runtime:
         a = self._allocs.get(coord)
         if a is None:
             mem = self.config.memory
-            a = PEMemAllocator("sip{}.cube{}.pe{}".format(*coord), mem.sram_per_pe, mem.hbm_per_pe, mem.hbm_base)
+            hbm = mem.hbm_per_pe
+            from ..lang import code_region
+
+            code_pe, _pa, code_bytes = code_region(self.config)
+            if coord == code_pe:
+                hbm -= code_bytes  # the top of this slice holds deployed kernel code
+            a = PEMemAllocator("sip{}.cube{}.pe{}".format(*coord), mem.sram_per_pe, hbm, mem.hbm_base)
             self._allocs[coord] = a
         return a
 
@@ -1474,7 +1519,10 @@ class _DeviceSession:
         assert rt is not None
         try:
             try:
-                await rt._close(failing=e is not None)
+                # Shielded: an enclosing cancel scope (anyio re-cancels every await
+                # in it) must not cut the close short and skip the frees and leak check.
+                with anyio.CancelScope(shield=True):
+                    await rt._close(failing=e is not None)
             except Exception as exc:
                 if e is None:
                     raise

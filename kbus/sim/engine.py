@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import types
 from collections.abc import Callable, Coroutine, Generator
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -51,6 +52,12 @@ if TYPE_CHECKING:
     from .link import Link
 
 T = TypeVar("T")
+
+
+@types.coroutine
+def _one_pass() -> Generator[None, None, None]:
+    """Let the loop run everything already scheduled, then resume (a bare yield)."""
+    yield
 
 try:  # Python 3.12+: a C function
     from _asyncio import current_task as _c_current_task  # type: ignore[attr-defined]
@@ -288,14 +295,59 @@ class Sim:
             delay = int(delay)
         if delay < 0:
             raise ValueError(f"sim.sleep({delay}): negative delay; virtual time cannot go backwards")
-        fut = (self._loop or self._loop_bound()).create_future()
+        loop = self._loop or self._loop_bound()
+        fut = loop.create_future()
         when = self._now + delay
         heappush(self._timers, (when, next(self._seq), fut))
-        handle = self._park(fut, "sleep", when)
+        handle = self._tasks.get(_current_task(loop))  # type: ignore[arg-type]
+        if handle is None:  # a host task: the general path
+            host = self._park(fut, "sleep", when)
+            try:
+                await fut
+            finally:
+                self._unpark(host, fut)
+            return
+        # The hot path of every simulated block, inlined from _park/_unpark.
+        handle._waiting = (fut, "sleep", when)
+        self._runnable -= 1
+        if self._runnable == 0 and not self._idle_scheduled:
+            # This task is the last one to block: it runs the idle pass itself.
+            # One bare yield is the call_soon pass the rule asks for; if nothing
+            # became runnable meanwhile and this sleep is the only timer due at
+            # the earliest deadline, time jumps and the task goes on without a
+            # future being resolved or a second trip through the loop.
+            self._idle_scheduled = True
+            try:
+                await _one_pass()
+            except BaseException:
+                handle._waiting = None
+                self._idle_scheduled = False
+                self._unpark_cancelled(handle)  # it was cancelled during the pass
+                self._schedule_idle()
+                raise
+            self._idle_scheduled = False
+            timers = self._timers
+            if (
+                self._runnable == 0
+                and timers[0][2] is fut
+                and (len(timers) < 2 or timers[1][0] > when)
+                and (len(timers) < 3 or timers[2][0] > when)
+            ):
+                heappop(timers)
+                if when != self._now:
+                    self._now = when
+                    self.advances += 1
+                handle._waiting = None
+                self._runnable += 1
+                return
+            if self._runnable == 0:
+                self._advance()
         try:
             await fut
         finally:
-            self._unpark(handle, fut)
+            handle._waiting = None
+            if fut.cancelled():
+                self._unpark_cancelled(handle)
 
     def call_at(self, when: int, fn: Callable[..., object], *args: Any) -> _Call:
         """Run ``fn(*args)`` when virtual time reaches ``when`` (ps).
@@ -424,11 +476,7 @@ class Sim:
         if handle is not None:
             handle._waiting = None
             if fut.cancelled():
-                if handle._precounted:
-                    handle._precounted = False  # SimTask.cancel() counted us already
-                else:
-                    # Cancelled from outside kbus: nobody counted us back in.
-                    self._runnable += 1
+                self._unpark_cancelled(handle)
         else:
             del self._host_waits[fut]
             if not fut.cancelled():
@@ -436,6 +484,13 @@ class Sim:
                 self._runnable -= 1
                 if self._runnable == 0:
                     self._schedule_idle()
+
+    def _unpark_cancelled(self, handle: SimTask[Any]) -> None:
+        if handle._precounted:
+            handle._precounted = False  # SimTask.cancel() counted us already
+        else:
+            # Cancelled from outside kbus: nobody counted us back in.
+            self._runnable += 1
 
     async def _block_on(self, fut: asyncio.Future[Any], kind: str, obj: Any) -> Any:
         """Park on ``fut`` until a waker resolves it (for the less hot primitives)."""
@@ -500,6 +555,10 @@ class Sim:
         self._idle_scheduled = False
         if self._runnable != 0:
             return
+        self._advance()
+
+    def _advance(self) -> None:
+        """Wake every timer due at the earliest deadline; report a deadlock if none is left."""
         timers = self._timers
         while timers:
             when = timers[0][0]

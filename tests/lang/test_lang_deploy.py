@@ -133,9 +133,12 @@ async def test_launch_message_references_the_blob_and_round_trips_the_codec() ->
 
 
 @pytest.mark.asyncio
-async def test_tensor_encoding_matches_the_runtime_builtin_convention() -> None:
-    from kbus.lang.launch import _tensor_args
-    from kbus.runtime.builtins import encode_tensor
+async def test_argument_encoding_matches_the_runtime_builtin_convention() -> None:
+    from kbus.lang.launch import _scalar, _tensor_args
+    from kbus.runtime.builtins import encode_scalar, encode_tensor
+
+    for value in (3, True, 2.5, float("-inf"), np.float32("nan"), np.float16(1.5), np.int8(-4), np.uint64(7)):
+        assert _scalar(value, "v") == encode_scalar(value), value
 
     async with kbus.open_device("default") as torch:
         for policy in (kbus.Shard(dim=0), kbus.Shard(dim=1), kbus.Replicate()):

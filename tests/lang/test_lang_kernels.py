@@ -226,3 +226,17 @@ async def test_num_programs_and_python_loops_over_blocks() -> None:
         got = await partial.numpy()
         assert got.sum() == pytest.approx(x.sum())
         assert got[0] == pytest.approx(sum(x[s : s + 2048].sum() for s in range(0, n, 6 * 2048)))
+
+
+@kbus.kernel
+def fill_value(out_ptr, value, BLOCK: kl.constexpr):
+    kl.store(out_ptr + kl.arange(0, BLOCK), kl.full((BLOCK,), value, kl.float32))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("value", [float("-inf"), float("nan"), np.float32("inf"), np.float16(-2.5), 7])
+async def test_scalars_cross_the_wire_including_non_finite(value: Any) -> None:
+    async with kbus.open_device("tiny", wire=True) as torch:
+        out = torch.empty(8, dtype=np.float32)
+        await fill_value[(1,)](out, value, BLOCK=8)
+        np.testing.assert_array_equal(await out.numpy(), np.full(8, value, np.float32))

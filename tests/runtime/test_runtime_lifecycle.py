@@ -87,9 +87,10 @@ async def test_free_waits_for_queued_readers() -> None:
 
 @pytest.mark.asyncio
 async def test_reuse_of_freed_memory_waits_for_the_unmap() -> None:
-    # 1 MiB of HBM per PE: a replicated 600 KiB tensor fits only once, so each
+    # 1216 KiB of HBM per PE (the last PE gives 152 KiB of it to the kernel code
+    # region): a replicated 600 KiB tensor (640 KiB in pages) fits only once, so each
     # iteration reuses the previous tensor's memory and VA while its sum is queued.
-    cfg = DeviceConfig.preset("tiny").replace("memory.hbm_per_pe", "1MiB")
+    cfg = DeviceConfig.preset("tiny").replace("memory.hbm_per_pe", "1216KiB")
     n = 600 * 1024 // 4
     async with kbus.open_device(cfg) as torch:
         sums = []

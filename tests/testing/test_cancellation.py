@@ -335,13 +335,6 @@ async def test_runtime_asyncio_timeout_around_the_whole_device_block() -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kbus/runtime/runtime.py _DeviceSession.__aexit__ awaits Runtime._close() unshielded: an anyio "
-    "cancel scope re-cancels every await in it, so tensors are never freed, closed stays False and "
-    "the leak check is skipped (silently)",
-)
 async def test_runtime_anyio_cancel_scope_around_the_whole_device_block() -> None:
     async with loop_stays_clean():
         with anyio.CancelScope() as scope:
