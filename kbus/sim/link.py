@@ -103,16 +103,21 @@ class Link:
             self._stall_waiters.append(fut)
             await sim._block_on(fut, "link", self)
         now = sim._now
-        start = self._free_at if self._free_at > now else now
+        done = self._book(now, nbytes)
+        if done > now:
+            await sim.sleep(done - now)
+        return done + self.latency
+
+    def _book(self, at: int, nbytes: int) -> int:
+        """Occupy the link for ``nbytes`` from ``max(at, free_at)``; return when serialization ends."""
+        start = self._free_at if self._free_at > at else at
         ser = self.serialization(nbytes)
         done = start + ser
         self._free_at = done
         self.messages += 1
         self.bytes += nbytes
         self.busy_ps += ser
-        if done > now:
-            await sim.sleep(done - now)
-        return done + self.latency
+        return done
 
     async def send(self, msg: Any, inbox: Inbox[Any], nbytes: int = 0) -> None:
         """Send ``msg`` to ``inbox``; returns once the link has taken it (after serialization).
@@ -161,16 +166,10 @@ class Link:
         route book each hop in turn (store-and-forward) and then sleep once
         until the last arrival, instead of one sleep per hop.
         """
-        start = self._free_at if self._free_at > at else at
-        ser = self.serialization(nbytes)
-        done = start + ser
-        self._free_at = done
-        self.messages += 1
-        self.bytes += nbytes
-        self.busy_ps += ser
+        done = self._book(at, nbytes)
         deliver = done + self.latency
         if self.on_send is not None:
-            self.on_send(self, None, nbytes, start, deliver)
+            self.on_send(self, None, nbytes, done - self.serialization(nbytes), deliver)
         return deliver
 
     def _deliver(self) -> None:
