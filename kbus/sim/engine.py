@@ -54,6 +54,18 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class _InPass:
+    """Stands for the future of a sleep that is running the idle pass itself."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+
+_IN_PASS: Any = _InPass()
+
+
 @types.coroutine
 def _one_pass() -> Generator[None, None, None]:
     """Let the loop run everything already scheduled, then resume (a bare yield)."""
@@ -296,11 +308,12 @@ class Sim:
         if delay < 0:
             raise ValueError(f"sim.sleep({delay}): negative delay; virtual time cannot go backwards")
         loop = self._loop or self._loop_bound()
-        fut = loop.create_future()
         when = self._now + delay
-        heappush(self._timers, (when, next(self._seq), fut))
+        seq = next(self._seq)
         handle = self._tasks.get(_current_task(loop))  # type: ignore[arg-type]
         if handle is None:  # a host task: the general path
+            fut = loop.create_future()
+            heappush(self._timers, (when, seq, fut))
             host = self._park(fut, "sleep", when)
             try:
                 await fut
@@ -308,14 +321,15 @@ class Sim:
                 self._unpark(host, fut)
             return
         # The hot path of every simulated block, inlined from _park/_unpark.
-        handle._waiting = (fut, "sleep", when)
         self._runnable -= 1
         if self._runnable == 0 and not self._idle_scheduled:
-            # This task is the last one to block: it runs the idle pass itself.
-            # One bare yield is the call_soon pass the rule asks for; if nothing
-            # became runnable meanwhile and this sleep is the only timer due at
-            # the earliest deadline, time jumps and the task goes on without a
-            # future being resolved or a second trip through the loop.
+            # This task is the last one to block, so it runs the idle pass itself.
+            # One bare yield is the call_soon pass the rule asks for. If nothing
+            # became runnable meanwhile and no timer is due at or before this
+            # sleep's deadline, time jumps and the task goes on: no future, no
+            # heap entry, no second trip through the loop. Nobody else can
+            # advance time during the pass, since the idle pass is taken.
+            handle._waiting = (_IN_PASS, "sleep", when)
             self._idle_scheduled = True
             try:
                 await _one_pass()
@@ -326,22 +340,23 @@ class Sim:
                 self._schedule_idle()
                 raise
             self._idle_scheduled = False
+            handle._waiting = None
             timers = self._timers
-            if (
-                self._runnable == 0
-                and timers[0][2] is fut
-                and (len(timers) < 2 or timers[1][0] > when)
-                and (len(timers) < 3 or timers[2][0] > when)
-            ):
-                heappop(timers)
+            if self._runnable == 0 and (not timers or timers[0][0] > when):
                 if when != self._now:
                     self._now = when
                     self.advances += 1
-                handle._waiting = None
                 self._runnable += 1
                 return
+            fut = loop.create_future()
+            heappush(timers, (when, seq, fut))  # its original sequence number keeps tie order
+            handle._waiting = (fut, "sleep", when)
             if self._runnable == 0:
                 self._advance()
+        else:
+            fut = loop.create_future()
+            heappush(self._timers, (when, seq, fut))
+            handle._waiting = (fut, "sleep", when)
         try:
             await fut
         finally:
