@@ -46,7 +46,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from .hw.probe import print_probe, run_probe
 
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated byte counts such as 64,4096") from None
     result = run_probe(_config_spec(args), sizes=sizes, max_pes=args.max_pes, use_uvloop=not args.no_uvloop)
     print_probe(result, Console())
     return 0
@@ -110,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KbusError as exc:
         print(f"kbus {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # bad option values, unreadable files
+        print(f"kbus {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

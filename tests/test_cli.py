@@ -1,0 +1,45 @@
+"""The ``kbus`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kbus.cli import main
+
+
+def test_info_prints_tree_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "sip0" in out and "links.noc_pe.latency" in out
+
+
+def test_probe_table_matches_analytic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--preset", "tiny", "--sizes", "64,4096", "--max-pes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PE -> HBM DMA probe" in out and out.count("equal") == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "--preset", "nope"], "neither a preset nor a TOML file"),
+        (["probe", "--preset", "tiny", "--sizes", "0"], "probe sizes must be > 0"),
+        (["probe", "--preset", "tiny", "--sizes", "big"], "--sizes 'big'"),
+        (["info", "--config", "/nonexistent/dev.toml"], "dev.toml"),
+    ],
+)
+def test_bad_input_exits_2_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_with_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "run.json"
+    assert main(["demo", "--preset", "tiny", "--trace", str(trace)]) == 0
+    assert "all results match numpy" in capsys.readouterr().out
+    events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    assert {"X", "M", "C"} <= {e["ph"] for e in events}
