@@ -111,7 +111,8 @@ class Inbox(Generic[M]):
             g = getters.popleft()
             if not g.done():
                 self.received += 1
-                self._sim._wake(g, msg)
+                g.set_result(msg)  # Sim._wake, inlined on the hottest path
+                self._sim._runnable += 1
                 return True
         items = self._items
         if len(items) < self.capacity:
