@@ -20,6 +20,7 @@ from .lang import kernel
 from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
+from .trace import TraceError
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "SimTask",
     "Tensor",
     "TensorFreedError",
+    "TraceError",
     "__version__",
     "fail_after",
     "format_time",

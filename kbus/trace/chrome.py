@@ -93,11 +93,30 @@ def _template(tr: _Track, cat: str) -> dict[str, Any]:
     return {"name": "", "cat": cat, "ph": "X", "ts": 0.0, "dur": 0.0, "pid": tr.pid, "tid": tr.base}
 
 
+def _owner(link: str, blocks: dict[str, str]) -> str:
+    """The block a link's track is listed under: its source, or the block that source is a port of.
+
+    Some link ends are ports rather than blocks (``sip0.cube0.pe0``,
+    ``sip0.cube0.hbm.pe0``): the longest block path prefixing the source wins,
+    else the destination block, else the source as written.
+    """
+    src, dst = link_ends(link)
+    if src in blocks or src == "host":
+        return src
+    parts = src.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if prefix in blocks:
+            return prefix
+    return dst if dst in blocks else src
+
+
 class FileSink:
     """Write events to ``path`` as Chrome trace-event JSON, incrementally.
 
-    ``counters=False`` leaves out inbox depth counters (the most numerous
-    events). ``flush_bytes`` is how much encoded JSON is kept before a write.
+    ``counters=False`` leaves out inbox depth counters (a fifth of the events
+    on a typical run). ``flush_bytes`` is how much encoded JSON is kept before
+    a write.
     Close it (or use ``with``) to finish the file: until then the JSON is not
     terminated.
     """
@@ -226,7 +245,7 @@ class FileSink:
         self._kinds.update(blocks)
         by_src: dict[str, list[str]] = {}
         for name in links:
-            by_src.setdefault(link_ends(name)[0], []).append(name)
+            by_src.setdefault(_owner(name, blocks), []).append(name)
         order: list[tuple[str, str]] = [("host", "request")]
         order += [(name, "link") for name in by_src.pop("host", [])]
         for path in blocks:
@@ -252,8 +271,11 @@ class FileSink:
         if self._buf is None:
             raise TraceError(f"FileSink({self.path!r}) is closed; events can no longer be written")
         ts, dur, cat, name, path, args = event
-        if ts > self._last_ps:
-            self._last_ps = ts if dur is None else ts + dur
+        if dur is None:
+            if ts > self._last_ps:
+                self._last_ps = ts
+        elif ts + dur > self._last_ps:
+            self._last_ps = ts + dur
         rec: dict[str, Any]
         if cat == "link":
             entry = self._links.get(path)

@@ -114,8 +114,8 @@ def validate_trace(doc: object) -> dict[str, int]:
                 flow_out[ev["bind_id"]] += 1
             if ev.get("flow_in"):
                 flow_in[ev["bind_id"]] += 1
-    for track, stack in open_b.items():
-        assert not stack, f"unclosed B events on {track}: {stack}"
+    for track, unclosed in open_b.items():
+        assert not unclosed, f"unclosed B events on {track}: {unclosed}"
     for key, n in open_async.items():
         assert n == 0, f"unbalanced async events {key}"
     for key, phs in flow_v1.items():
@@ -292,7 +292,7 @@ async def test_odd_args_and_emitted_spans_never_break_the_file(tmp_path: Path) -
 
     with record(dev, path) as tracer:
         tracer.emit("mem", "alloc", "sip0.cube0.pe0.hbm", 10, None, {"big": 2**70, "np": np.int64(7), "obj": Thing()})
-        tracer.emit("mem", "free", "sip0.cube0.pe0.hbm", 20, None, {1: "non-string key", "s": {3, 1, 2}})
+        tracer.emit("mem", "free", "sip0.cube0.pe0.hbm", 20, None, {1: "non-string key", "s": {3, 1, 2}})  # type: ignore[dict-item]
         tracer.emit("mmu", "map", "sip0.cube0.pe0.mmu", 30, 5, {"va": 1, "pa": 2, "size": 4096})
         tracer.emit("mmu", "map", "sip0.cube0.pe0.mmu", 32, 5, {"va": 3, "pa": 4, "size": 4096})  # overlaps
         tracer.emit("custom", "tick", "elsewhere.unit", 40, None, None)

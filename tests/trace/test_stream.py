@@ -268,4 +268,4 @@ async def test_serve_checks_its_arguments() -> None:
         async with serve(dev, host="203.0.113.1"):  # not an address of this machine
             pass
     assert all(link.on_send is None for link in dev.links.values())  # nothing left attached
-    assert dev.sim.tracer is None  # type: ignore[attr-defined]
+    assert dev.sim.tracer is None

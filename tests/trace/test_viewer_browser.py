@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,35 @@ async def drive_page(port: int) -> tuple[dict[str, Any], dict[str, Any], dict[st
         return state, shot, final
 
 
+def live_device() -> tuple[Any, Callable[[int], Awaitable[Any]], Callable[[], Awaitable[None]]]:
+    """The real device (preset ``tiny``) if ``kbus.hw.build_device`` exists, else the fake one.
+
+    Returns the device, a coroutine function running 16 more requests numbered
+    from ``n``, and its closer.
+    """
+    try:
+        from kbus.hw import build_device
+        from kbus.protocol import MemoryWriteMsg, PeDmaMsg
+    except ImportError:
+        fake = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
+        return fake, lambda n: run_workload(fake, requests=16, window=8, first=n), fake.close
+    dev = build_device(Sim(), "tiny")
+    base = dev.config.memory.hbm_base
+    coords = [node.coord for node in dev.iter_pes()]
+
+    async def chunk(n: int) -> None:
+        async def one(i: int) -> None:
+            s, c, p = coords[i % len(coords)]
+            if i % 8 == 7:
+                await dev.request(MemoryWriteMsg("viewer", f"w{i}", s, c, p, base, 8192, pattern="zeros"))
+            else:
+                await dev.request(PeDmaMsg("viewer", f"d{i}", s, c, p, base, 4096, is_write=bool(i & 1)))
+
+        await asyncio.gather(*(one(i) for i in range(n, n + 16)))
+
+    return dev, chunk, dev.aclose
+
+
 def save_screenshot(png: bytes, tmp_path: Path) -> Path:
     """Keep the screenshot in the test's tmp dir, and in ``$KBUS_SCREENSHOT_DIR`` if set."""
     out = tmp_path / "viewer.png"
@@ -191,14 +220,14 @@ def save_screenshot(png: bytes, tmp_path: Path) -> Path:
 async def test_viewer_draws_live_events_in_headless_chromium(tmp_path: Path) -> None:
     binary = find_chromium()
     assert (VIEWER_DIR / "index.html").is_file()
-    dev = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
+    dev, chunk, close = live_device()
     stop = asyncio.Event()
 
     async def simulate() -> None:
         """Keep the simulation producing events (in chunks, so the page sees them arrive live)."""
         n = 0
         while not stop.is_set():
-            await run_workload(dev, requests=16, window=8, first=n)
+            await chunk(n)
             n += 16
             await asyncio.sleep(0.05)
 
@@ -212,7 +241,7 @@ async def test_viewer_draws_live_events_in_headless_chromium(tmp_path: Path) -> 
         finally:
             stop.set()
             await asyncio.wait_for(sim_task, 60)
-    await dev.close()
+    await close()
 
     png = base64.b64decode(shot["data"])
     print(f"viewer screenshot: {save_screenshot(png, tmp_path)}")
