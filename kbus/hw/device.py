@@ -604,10 +604,9 @@ class Device:
         cid: str = "",
     ) -> str | None:
         """PE_DMA of ``pe`` reads ``nbytes`` of a host buffer across PCIe into its memory at ``pa``."""
-        where = "sip{}.cube{}.pe{}.dma".format(*pe)
-        problem = self._check_host_range(host_buffer, host_offset, nbytes)
+        problem = self._check_host_range(pe, host_buffer, host_offset, nbytes)
         if problem:
-            return f"{where}: {problem}"
+            return problem
         await self._travel(self.host_path(pe, down=False), self.config.fabric.msg_bytes)  # the read request
         await self._travel(self.host_path(pe, down=True), nbytes)  # the data
         err, _ = await self._dma(
@@ -627,10 +626,9 @@ class Device:
         cid: str = "",
     ) -> str | None:
         """PE_DMA of ``pe`` writes ``nbytes`` at ``pa`` across PCIe into a host buffer."""
-        where = "sip{}.cube{}.pe{}.dma".format(*pe)
-        problem = self._check_host_range(host_buffer, host_offset, nbytes)
+        problem = self._check_host_range(pe, host_buffer, host_offset, nbytes)
         if problem:
-            return f"{where}: {problem}"
+            return problem
         err, _ = await self._dma(
             pe, pe, "read", pa, nbytes, host_buffer=host_buffer, host_offset=host_offset, rid=rid, cid=cid
         )
@@ -638,16 +636,18 @@ class Device:
             await self._travel(self.host_path(pe, down=False), nbytes)
         return err
 
-    def _check_host_range(self, name: str | None, offset: int, nbytes: int) -> str | None:
+    def _check_host_range(self, pe: Coord, name: str | None, offset: int, nbytes: int) -> str | None:
+        """Why a host-buffer transfer by PE_DMA of ``pe`` cannot run (naming the DMA), or None."""
+        where = "sip{}.cube{}.pe{}.dma".format(*pe)
         if name is None:
-            return "host_buffer is not set (needed for host buffer transfers)"
+            return f"{where}: host_buffer is not set (needed for host buffer transfers)"
         buf = self._host_buffers.get(name)
         if buf is None:
-            return f"host buffer {name!r} is not registered (device.register_host_buffer)"
+            return f"{where}: host buffer {name!r} is not registered (device.register_host_buffer)"
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            return f"nbytes must be > 0, got {nbytes!r}"
+            return f"{where}: nbytes must be > 0, got {nbytes!r}"
         if offset < 0 or offset + nbytes > buf.nbytes:
-            return f"host buffer {name!r} range [{offset}, {offset + nbytes}) exceeds its {buf.nbytes} bytes"
+            return f"{where}: host buffer {name!r} range [{offset}, {offset + nbytes}) exceeds its {buf.nbytes} bytes"
         return None
 
     async def read_physical(self, src: Coord, seg: Segment) -> np.ndarray[Any, np.dtype[np.uint8]]:
