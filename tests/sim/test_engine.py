@@ -330,3 +330,45 @@ def test_kbus_run_on_both_loops() -> None:
     assert kbus.run(main, use_uvloop=False) == ns(3)
     with pytest.raises(TypeError):
         kbus.run(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_lone_sleeper_pass_respects_timers_added_during_the_pass() -> None:
+    """The last task to block runs the idle pass itself; work scheduled meanwhile still comes first."""
+    sim = Sim()
+    order: list[tuple[str, int]] = []
+    loop = asyncio.get_running_loop()
+
+    async def late(tag: str, delay: int) -> None:
+        await sim.sleep(delay)
+        order.append((tag, sim.now))
+
+    async def lone() -> None:
+        # Whilst this sleep's pass is pending, a plain loop callback starts two more
+        # simulated tasks: one due earlier, one due at the same instant.
+        loop.call_soon(
+            lambda: (sim.spawn(late("early", ns(5)), name="early"), sim.spawn(late("tie", ns(10)), name="tie"))
+        )
+        await sim.sleep(ns(10))
+        order.append(("lone", sim.now))
+
+    sim.spawn(lone(), name="lone")
+    await sim.run()
+    assert order == [("early", ns(5)), ("lone", ns(10)), ("tie", ns(10))]
+
+
+@pytest.mark.asyncio
+async def test_cancel_during_the_lone_sleepers_pass() -> None:
+    sim = Sim()
+
+    async def lone() -> None:
+        await sim.sleep(ns(10))
+
+    h = sim.spawn(lone(), name="lone")
+    await asyncio.sleep(0)  # the task has started and yielded for its pass
+    h.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await h
+    assert sim.runnable == 0 and sim.now == 0
+    await sim.sleep(ns(3))
+    assert sim.now == ns(3)
