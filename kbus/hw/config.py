@@ -913,13 +913,8 @@ _CONVERTER: Final = _make_converter()
 
 
 def _to_external(spec: _Param, value: Any) -> Any:
-    if spec.kind == "duration":
-        return _fmt_time(value)
-    if spec.kind == "bandwidth":
-        return _fmt_bandwidth(value)
-    if spec.kind == "size":
-        return _fmt_size(value)
-    return value
+    """The TOML value: unit strings for durations, bandwidths and sizes; everything else as is."""
+    return _display(spec, value) if spec.kind in ("duration", "bandwidth", "size") else value
 
 
 def _to_dict(obj: object) -> dict[str, Any]:
