@@ -138,6 +138,8 @@ class Device:
         self._completions: dict[str, SimFuture[Completion]] = {}
         self._staged: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self._routes: dict[tuple[Coord, Coord], list[Link]] = {}
+        self._reversed: dict[int, list[Link]] = {}
+        self._route_ids: set[int] = set()
         self._tokens = itertools.count()
         self._build()
 
@@ -450,6 +452,7 @@ class Device:
                     b.down_link,
                 ]
         self._routes[key] = r
+        self._route_ids.add(id(r))
         return r
 
     def _ring_path(self, sip: int, a: int, b: int) -> list[Link]:
@@ -572,9 +575,18 @@ class Device:
         return comp.error, out
 
     def _reverse(self, path: list[Link]) -> list[Link]:
-        """The way back along ``path``: each link's opposite direction, last hop first."""
-        links = self.links
-        return [links["->".join(reversed(link.name.split("->")))] for link in reversed(path)]
+        """The way back along ``path``: each link's opposite direction, last hop first.
+
+        Routes are cached lists, so the way back is cached by the route's identity
+        (every DMA needs it; building it splits link names).
+        """
+        back = self._reversed.get(id(path))
+        if back is None:
+            links = self.links
+            back = [links["->".join(reversed(link.name.split("->")))] for link in reversed(path)]
+            if id(path) in self._route_ids:  # a cached route lives as long as the device
+                self._reversed[id(path)] = back
+        return back
 
     async def dma(
         self,
