@@ -21,8 +21,11 @@ span ended at or before the new one starts; a new lane (a sibling track named
 the output always nests, whatever order events arrive in.
 
 Flows: each host request's span starts a flow (``bind_id`` + ``flow_out``) and
-every response that reaches the host over a link ends one (``flow_in``), so the
-viewer draws an arrow from the request to each of its responses.
+every response to *that* request reaching the host over a link ends one
+(``flow_in``), so the viewer draws an arrow from the request to each of its own
+responses. Flows are keyed by ``(correlation_id, request_id)``: a runtime sends
+every request under one correlation id, and the device only promises that the
+pair is unique among pending requests.
 
 Time: ``ts``/``dur`` are microseconds (the format's unit) as floats carrying
 the virtual picoseconds exactly (``ts_ps / 1e6``). ``displayTimeUnit`` is not
@@ -144,7 +147,7 @@ class FileSink:
         self._next_base = _LANE_STRIDE
         self._next_overflow = _OVERFLOW_TID
         self._open: dict[_SpanKey, list[tuple[int, dict[str, Any] | None]]] = {}
-        self._flows: dict[object, int] = {}
+        self._flows: dict[tuple[object, object], int] = {}  # (correlation_id, request_id) -> flow id
         self._flow_used: set[int] = set()
         self._next_flow = 1
         self._last_ps = 0
@@ -297,7 +300,7 @@ class FileSink:
             if args is not None:
                 rec["args"] = args
                 if entry[1] and self._flows:
-                    fid = self._flows.get(args.get("correlation_id"))
+                    fid = self._flows.get((args.get("correlation_id"), args.get("request_id")))
                     if fid is not None:
                         rec["bind_id"] = fid
                         rec["flow_in"] = True
@@ -369,11 +372,11 @@ class FileSink:
     ) -> None:
         """A begin marker (remember it) or a completed span (write it, closing its flow)."""
         key = self._span_key(cat, name, path, args)
-        corr = key[3]
+        flow_key = (key[3], key[4])
         if dur is None:
             self._open.setdefault(key, []).append((ts, args))
-            if cat == "request" and corr is not None:
-                self._flows[corr] = self._next_flow
+            if cat == "request":
+                self._flows[flow_key] = self._next_flow
                 self._next_flow += 1
             return
         opened = self._open.get(key)
@@ -381,7 +384,7 @@ class FileSink:
             opened.pop(0)
             if not opened:
                 del self._open[key]
-        fid = self._flows.pop(corr, None) if cat == "request" and corr is not None else None
+        fid = self._flows.pop(flow_key, None) if cat == "request" else None
         self._span(ts, dur, cat, name, path, args, fid)
 
     def _span(
@@ -448,11 +451,11 @@ class FileSink:
         if self._file is None:
             return
         for key, opened in list(self._open.items()):
-            cat, path, name, corr = key[:4]
+            cat, path, name = key[:3]
             for ts, args in opened:
                 done = dict(args) if args is not None else {}
                 done["unfinished"] = True
-                fid = self._flows.pop(corr, None) if cat == "request" and corr is not None else None
+                fid = self._flows.pop((key[3], key[4]), None) if cat == "request" else None
                 self._span(ts, max(self._last_ps - ts, 0), cat, name, path, done, fid)
         self._open.clear()
         self.flush()
