@@ -1,477 +1,203 @@
-"""FileSink: stream events into a Chrome trace-event JSON file.
+"""FileSink: record events into a Chrome trace-event JSON file.
 
-The file opens in Perfetto UI (ui.perfetto.dev) and chrome://tracing. Layout:
+The file opens in Perfetto UI (ui.perfetto.dev) and chrome://tracing; its
+layout (a process per SIP, a track per block and per link, lanes for
+overlapping spans, request -> response flows) is described in
+:mod:`kbus.trace._chrome_encode`, which does the encoding.
 
-* one *process* per SIP (``sip0``, ``sip1``...) plus one for the ``host``, named
-  with ``process_name`` metadata events; pids are fixed numbers derived from
-  the path (host 1, ``sipN`` N+2), never the OS's;
-* one *thread track* per block, named ``path (KIND)``; busy spans are complete
-  (``X``) events on it;
-* one track per link (``src->dst``), where each message is an ``X`` span from the
-  moment it was offered to its delivery, named by its ``msg_type``;
-* host requests are ``X`` spans on the host's ``requests`` track, kernels on a
-  ``path kernel`` track;
-* inbox depths are counter (``C``) events; allocator and MMU events are instants.
+Why a writer process
+--------------------
+The simulation calls :meth:`FileSink.write` from its hooks, once per event.
+Turning an event into a trace record (lane placement, a record dict, JSON
+encoding) costs a few microseconds of Python, as much as simulating the event.
+So the hook only appends the event tuple to a list. Every ``batch`` events the
+list is encoded as one JSON array by a single orjson call (about 0.1 us per
+event) and written to a pipe to a separate writer process, which decodes the
+batches, builds the records and writes the file on another core while the
+simulation goes on. Batches are small (256 events) on purpose: events kept
+longer survive into older garbage-collector generations and cost more to
+keep than to send (measured: 16,384-event batches cost about twice the
+overhead of 256-event ones). The pipe gives backpressure: if the writer falls behind
+by more than the pipe holds, the simulation waits for it, and nothing is lost.
 
-Why lanes: a trace viewer requires the slices of one (pid, tid) to nest, but
-several messages can be in flight on one link and a block may run concurrent
-work. Every span therefore goes to the first *lane* of its track whose last
-span ended at or before the new one starts; a new lane (a sibling track named
-``... #2``) opens only when all are busy. Lanes are disjoint by construction, so
-the output always nests, whatever order events arrive in.
+The writer process loads only ``_chrome_encode.py`` and ``events.py`` (not the
+kbus package), so it starts in a few tens of milliseconds. ``writer="inline"``
+runs the same encoder in this process instead (one core, no subprocess); both
+give byte-identical files, since both consume the same JSON batches.
 
-Flows: each host request's span starts a flow (``bind_id`` + ``flow_out``) and
-every response to *that* request reaching the host over a link ends one
-(``flow_in``), so the viewer draws an arrow from the request to each of its own
-responses. Flows are keyed by ``(correlation_id, request_id)``: a runtime sends
-every request under one correlation id, and the device only promises that the
-pair is unique among pending requests.
-
-Time: ``ts``/``dur`` are microseconds (the format's unit) as floats carrying
-the virtual picoseconds exactly (``ts_ps / 1e6``). ``displayTimeUnit`` is not
-set on purpose: Perfetto reads it as the unit of ``ts`` itself.
-
-Incremental and deterministic: events are encoded as they come and written in
-chunks of about ``flush_bytes``, so memory stays bounded; the file is a JSON object
-``{"traceEvents": [...], "otherData": {...}}`` that is valid once :meth:`FileSink.close`
-has written the tail. Everything written derives from the events alone (no wall
-clock, no OS pids, dicts in insertion order), so the same events give the same
-bytes on every event loop.
+Deterministic: the file derives from the events alone (no wall clock, no OS
+pids, dicts in insertion order), so the same run gives the same bytes on
+every event loop and with either writer.
 """
 
 from __future__ import annotations
 
 import os
-from typing import IO, Any, Final, TypeAlias
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Final, Literal
 
-from orjson import JSONEncodeError
-from orjson import dumps as _orjson_dumps
-
-from .events import _OPTS, SPAN_CATS, Event, _fallback, dumps, link_ends
+from ._chrome_encode import FRAME_EVENTS, FRAME_FLUSH, ChromeEncoder, encode_batch, frame
+from .events import Event
 from .tracer import TraceError
 
 __all__ = ["FileSink"]
 
-_LANE_STRIDE: Final = 1000
-"""tids of a track's lanes are ``base + lane``; base tids step by this much."""
+_HERE: Final = Path(__file__).resolve().parent
 
-_OVERFLOW_TID: Final = 2**31
-"""First tid handed out to lanes beyond the stride (absurdly busy tracks)."""
-
-_HOST_PID: Final = 1
-
-_HOST_NAME: Final = {"name": "process_name", "ph": "M", "ts": 0, "pid": _HOST_PID, "tid": 0, "args": {"name": "host"}}
-_HOST_SORT: Final = {
-    "name": "process_sort_index",
-    "ph": "M",
-    "ts": 0,
-    "pid": _HOST_PID,
-    "tid": 0,
-    "args": {"sort_index": _HOST_PID},
-}
-
-_SpanKey: TypeAlias = tuple[str, str, str, object, object, object]
-
-
-class _Track:
-    """One named track: a base tid and the end time of the last span in each lane."""
-
-    __slots__ = ("base", "busy", "lanes", "name", "pid", "tids")
-
-    def __init__(self, pid: int, base: int, name: str) -> None:
-        self.pid = pid
-        self.base = base
-        self.name = name
-        self.lanes: list[int] = []
-        self.tids: list[int] = []
-        self.busy = _template(self, "busy")
-
-
-def _template(tr: _Track, cat: str) -> dict[str, Any]:
-    """A record prefilled with a track's constant fields, copied per event.
-
-    Copying a small dict and setting four keys costs about half of building
-    an eight-key literal, and it fixes the key order (so the bytes) once.
-    """
-    return {"name": "", "cat": cat, "ph": "X", "ts": 0.0, "dur": 0.0, "pid": tr.pid, "tid": tr.base}
-
-
-def _owner(link: str, blocks: dict[str, str]) -> str:
-    """The block a link's track is listed under: its source, or the block that source is a port of.
-
-    Some link ends are ports rather than blocks (``sip0.cube0.pe0``,
-    ``sip0.cube0.hbm.pe0``): the longest block path prefixing the source wins,
-    else the destination block, else the source as written.
-    """
-    src, dst = link_ends(link)
-    if src in blocks or src == "host":
-        return src
-    parts = src.split(".")
-    for k in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:k])
-        if prefix in blocks:
-            return prefix
-    return dst if dst in blocks else src
+# Runs in the writer process: make this directory a nameless package and run the
+# encoder module from it, so its relative import of events.py works without
+# importing kbus itself.
+_BOOT: Final = """\
+import importlib, sys, types
+pkg = types.ModuleType("_kbus_trace_writer")
+pkg.__path__ = [sys.argv[1]]
+sys.modules[pkg.__name__] = pkg
+sys.exit(importlib.import_module(pkg.__name__ + "._chrome_encode").main(sys.argv[2:]))
+"""
 
 
 class FileSink:
-    """Write events to ``path`` as Chrome trace-event JSON, incrementally.
+    """Write events to ``path`` as Chrome trace-event JSON.
 
     ``counters=False`` leaves out inbox depth counters (a fifth of the events
-    on a typical run). ``flush_bytes`` is how much encoded JSON is kept before
-    a write.
+    on a typical run). ``batch`` is how many events are handed to the encoder
+    at once; ``flush_bytes`` how much encoded JSON the encoder keeps before a
+    write to the file. ``writer`` is ``"process"`` (the default: encode in a
+    writer process, off the simulation's core) or ``"inline"``.
+
     Close it (or use ``with``) to finish the file: until then the JSON is not
-    terminated.
+    terminated. :meth:`flush` makes everything recorded so far reach the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, counters: bool = True, flush_bytes: int = 1 << 20) -> None:
-        if isinstance(flush_bytes, bool) or not isinstance(flush_bytes, int) or flush_bytes < 1:
-            raise TraceError(f"FileSink({os.fspath(path)!r}): flush_bytes must be an int >= 1, got {flush_bytes!r}")
-        self.path = os.fspath(path)
-        self.counters = counters
-        self._flush_bytes = flush_bytes
-        self._file: IO[bytes] | None = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-        # The host's process records open the array, so every later record is ",\n" + record.
-        self._file.write(b'{"traceEvents":[\n' + dumps(_HOST_NAME) + b",\n" + dumps(_HOST_SORT))
-        self._buf: bytearray | None = bytearray()
-        self.events_written = 2  # the host's two process records
-        self._device = ""
-        self._kinds: dict[str, str] = {}
-        self._pids: dict[str, int] = {"host": _HOST_PID}
-        self._next_other_pid = 1000
-        self._tracks: dict[tuple[str, str], _Track] = {}
-        self._blocks: dict[str, _Track] = {}  # the (path, "") tracks again, for the hot path
-        # link name -> (its track, whether it delivers to the host, record template)
-        self._links: dict[str, tuple[_Track, bool, dict[str, Any]]] = {}
-        self._reserved: dict[tuple[str, str], int] = {}
-        self._next_base = _LANE_STRIDE
-        self._next_overflow = _OVERFLOW_TID
-        self._open: dict[_SpanKey, list[tuple[int, dict[str, Any] | None]]] = {}
-        self._flows: dict[tuple[object, object], int] = {}  # (correlation_id, request_id) -> flow id
-        self._flow_used: set[int] = set()
-        self._next_flow = 1
-        self._last_ps = 0
-
-    # ------------------------------------------------------------ structure
-    def _pid(self, path: str) -> int:
-        """The process of ``path``: its first dotted component (host, sipN, or other)."""
-        comp = path.split(".", 1)[0] if path else "host"
-        pid = self._pids.get(comp)
-        if pid is not None:
-            return pid
-        if comp == "host":
-            pid = _HOST_PID
-        elif comp.startswith("sip") and comp[3:].isdigit():
-            pid = int(comp[3:]) + 2
-        else:
-            pid = self._next_other_pid
-            self._next_other_pid += 1
-        self._pids[comp] = pid
-        label = comp if not self._device or comp == "host" else f"{comp} ({self._device})"
-        self._emit({"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"name": label}})
-        self._emit(
-            {"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"sort_index": pid}}
-        )
-        return pid
-
-    def _track(self, path: str, group: str, owner: str) -> _Track:
-        """The track for ``(path, group)``, created (and named) on first use.
-
-        ``owner`` is the path whose process the track belongs to (a link's
-        source block). Bases reserved from the topology keep each block's
-        tracks together and in device order.
-        """
-        key = (path, group)
-        tr = self._tracks.get(key)
-        if tr is not None:
-            return tr
-        base = self._reserved.get(key)
-        if base is None:
-            base = self._next_base
-            self._next_base += _LANE_STRIDE
-        if group == "":
-            kind = self._kinds.get(path)
-            name = f"{path} ({kind})" if kind else path
-        elif group == "link":
-            name = path
-        elif group == "request":
-            name = "requests"
-        else:
-            name = f"{path} {group}"
-        tr = self._tracks[key] = _Track(self._pid(owner), base, name)
-        if group == "":
-            self._blocks[path] = tr
-        self._lane_tid(tr, 0)
-        return tr
-
-    def _lane_tid(self, tr: _Track, lane: int) -> int:
-        """tid of lane ``lane`` of ``tr``, naming it when it first appears."""
-        while len(tr.tids) <= lane:
-            n = len(tr.tids)
-            if n < _LANE_STRIDE:
-                tid = tr.base + n
-            else:
-                tid = self._next_overflow
-                self._next_overflow += 1
-            tr.tids.append(tid)
-            tr.lanes.append(0)
-            name = tr.name if n == 0 else f"{tr.name} #{n + 1}"
-            self._emit({"name": "thread_name", "ph": "M", "ts": 0, "pid": tr.pid, "tid": tid, "args": {"name": name}})
-            self._emit(
-                {
-                    "name": "thread_sort_index",
-                    "ph": "M",
-                    "ts": 0,
-                    "pid": tr.pid,
-                    "tid": tid,
-                    "args": {"sort_index": tid},
-                }
-            )
-        return tr.tids[lane]
-
-    def _place(self, tr: _Track, start: int, end: int) -> int:
-        """Put the span ``[start, end]`` in the first lane free since ``start``; return its tid."""
-        lanes = tr.lanes
-        for i, last in enumerate(lanes):
-            if last <= start:
-                lanes[i] = end
-                return tr.tids[i]
-        tid = self._lane_tid(tr, len(lanes))
-        lanes[-1] = end
-        return tid
-
-    def _topology(self, args: dict[str, Any]) -> None:
-        """Reserve track bases in device order: each block, then the links it sends on."""
-        self._device = str(args.get("device", ""))
-        blocks: dict[str, str] = dict(args.get("blocks", {}))
-        links: list[str] = list(args.get("links", []))
-        self._kinds.update(blocks)
-        by_src: dict[str, list[str]] = {}
-        for name in links:
-            by_src.setdefault(_owner(name, blocks), []).append(name)
-        order: list[tuple[str, str]] = [("host", "request")]
-        order += [(name, "link") for name in by_src.pop("host", [])]
-        for path in blocks:
-            order.append((path, ""))
-            order += [(name, "link") for name in by_src.pop(path, [])]
-        for rest in by_src.values():
-            order += [(name, "link") for name in rest]
-        for key in order:
-            if key not in self._reserved and key not in self._tracks:
-                self._reserved[key] = self._next_base
-                self._next_base += _LANE_STRIDE
-        for path in blocks:  # every block gets its named track even if idle
-            self._track(path, "", path)
-
-    # --------------------------------------------------------------- events
-    def write(self, event: Event) -> None:
-        """Turn one event (see :mod:`kbus.trace.events`) into a trace record.
-
-        The two most frequent categories (link messages and busy spans) take a
-        straight path with one dict lookup each. Records are built as dicts
-        (orjson encodes a dict faster than Python formats a string).
-        """
-        if self._buf is None:
-            raise TraceError(f"FileSink({self.path!r}) is closed; events can no longer be written")
-        ts, dur, cat, name, path, args = event
-        if dur is None:
-            if ts > self._last_ps:
-                self._last_ps = ts
-        elif ts + dur > self._last_ps:
-            self._last_ps = ts + dur
-        rec: dict[str, Any]
-        if cat == "link":
-            entry = self._links.get(path)
-            if entry is None:
-                src, dst = link_ends(path)
-                tr = self._track(path, "link", src)
-                entry = self._links[path] = (tr, dst == "host", _template(tr, "link"))
-            tr = entry[0]
-            d = dur or 0
-            lanes = tr.lanes
-            rec = entry[2].copy()
-            rec["name"] = name
-            rec["ts"] = ts / 1e6
-            rec["dur"] = d / 1e6
-            if lanes[0] <= ts:
-                lanes[0] = ts + d
-            else:
-                rec["tid"] = self._place(tr, ts, ts + d)
-            if args is not None:
-                rec["args"] = args
-                if entry[1] and self._flows:
-                    fid = self._flows.get((args.get("correlation_id"), args.get("request_id")))
-                    if fid is not None:
-                        rec["bind_id"] = fid
-                        rec["flow_in"] = True
-                        self._flow_used.add(fid)
-        elif cat == "busy":
-            tr = self._blocks.get(path) or self._track(path, "", path)
-            d = dur or 0
-            lanes = tr.lanes
-            rec = tr.busy.copy()
-            rec["name"] = name
-            rec["ts"] = ts / 1e6
-            rec["dur"] = d / 1e6
-            if lanes[0] <= ts:
-                lanes[0] = ts + d
-            else:
-                rec["tid"] = self._place(tr, ts, ts + d)
-            if args is not None:
-                rec["args"] = args
-        elif cat == "depth":
-            if not self.counters:
-                return
-            tr = self._blocks.get(path) or self._track(path, "", path)
-            rec = {
-                "name": f"{path} {name}",
-                "cat": cat,
-                "ph": "C",
-                "ts": ts / 1e6,
-                "pid": tr.pid,
-                "tid": tr.tids[0],
-                "args": args if args is not None else {"depth": 0},
-            }
-        elif cat == "meta":
-            if name == "topology" and args is not None:
-                self._topology(args)
-            return
-        elif cat in SPAN_CATS:
-            self._span_event(ts, dur, cat, name, path, args)
-            return
-        elif dur is None:
-            tr = self._blocks.get(path) or self._track(path, "", path)
-            rec = {"name": name, "cat": cat, "ph": "i", "s": "t", "ts": ts / 1e6, "pid": tr.pid, "tid": tr.tids[0]}
-            if args is not None:
-                rec["args"] = args
-        else:
-            self._span(ts, dur, cat, name, path, args)
-            return
-        try:
-            enc = _orjson_dumps(rec, default=_fallback, option=_OPTS)
-        except JSONEncodeError:
-            enc = dumps(rec)
-        buf = self._buf
-        buf += b",\n"
-        buf += enc
-        self.events_written += 1
-        if len(buf) >= self._flush_bytes:
-            self.flush()
-
-    def _span_key(self, cat: str, name: str, path: str, args: dict[str, Any] | None) -> _SpanKey:
-        """What pairs a begin marker with its span: where, what, and the ids the args carry."""
-        if args is None:
-            return (cat, path, name, None, None, None)
-        pid = args.get("program_id")
-        if isinstance(pid, list):
-            pid = tuple(pid)
-        return (cat, path, name, args.get("correlation_id"), args.get("request_id"), pid)
-
-    def _span_event(
-        self, ts: int, dur: int | None, cat: str, name: str, path: str, args: dict[str, Any] | None
-    ) -> None:
-        """A begin marker (remember it) or a completed span (write it, closing its flow)."""
-        key = self._span_key(cat, name, path, args)
-        flow_key = (key[3], key[4])
-        if dur is None:
-            self._open.setdefault(key, []).append((ts, args))
-            if cat == "request":
-                self._flows[flow_key] = self._next_flow
-                self._next_flow += 1
-            return
-        opened = self._open.get(key)
-        if opened:
-            opened.pop(0)
-            if not opened:
-                del self._open[key]
-        fid = self._flows.pop(flow_key, None) if cat == "request" else None
-        self._span(ts, dur, cat, name, path, args, fid)
-
-    def _span(
+    def __init__(
         self,
-        ts: int,
-        dur: int,
-        cat: str,
-        name: str,
-        path: str,
-        args: dict[str, Any] | None,
-        flow: int | None = None,
+        path: str | os.PathLike[str],
+        *,
+        counters: bool = True,
+        flush_bytes: int = 1 << 20,
+        batch: int = 256,
+        writer: Literal["process", "inline"] = "process",
     ) -> None:
-        group = "request" if cat == "request" else cat
-        tr = self._track(path, group, path)
-        rec: dict[str, Any] = {
-            "name": name,
-            "cat": cat,
-            "ph": "X",
-            "ts": ts / 1e6,
-            "dur": dur / 1e6,
-            "pid": tr.pid,
-            "tid": self._place(tr, ts, ts + dur),
-        }
-        if args is not None:
-            rec["args"] = args
-        if flow is not None and flow in self._flow_used:
-            self._flow_used.discard(flow)
-            rec["bind_id"] = flow
-            rec["flow_out"] = True
-        self._emit(rec)
+        self.path = os.fspath(path)
+        where = f"FileSink({self.path!r})"
+        for name, value in (("flush_bytes", flush_bytes), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TraceError(f"{where}: {name} must be an int >= 1, got {value!r}")
+        if writer not in ("process", "inline"):
+            raise TraceError(f"{where}: writer must be 'process' or 'inline', got {writer!r}")
+        self.counters = counters
+        self.writer = writer
+        self._batch_size = batch
+        self._pending: list[Event] = []
+        self._append = self._pending.append
+        self._closed = False
+        self.events_written = 0
+        """Records in the file; known once the sink is closed."""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._inline: ChromeEncoder | None = None
+        self._file: IO[bytes] | None = None
+        if writer == "inline":
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+            self._inline = ChromeEncoder(self._file, counters=counters, flush_bytes=flush_bytes)
+        else:
+            Path(self.path).open("wb").close()  # fail here, in the caller, if the path cannot be written
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(_HERE), self.path, "1" if counters else "0", str(flush_bytes)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
 
-    # ------------------------------------------------------------------ I/O
-    def _emit(self, rec: dict[str, Any]) -> None:
-        buf = self._buf
-        assert buf is not None
-        buf += b",\n"
-        buf += dumps(rec)
-        self.events_written += 1
-        if len(buf) >= self._flush_bytes:
-            self.flush()
+    # ------------------------------------------------------------- hot path
+    def write(self, event: Event) -> None:
+        """Record one event (see :mod:`kbus.trace.events`); never blocks unless the writer is far behind."""
+        if self._closed:
+            raise TraceError(f"FileSink({self.path!r}) is closed; events can no longer be written")
+        self._append(event)
+        if len(self._pending) >= self._batch_size:
+            self._send()
 
-    def flush(self) -> None:
-        """Write the records encoded so far (the JSON stays unterminated until close).
-
-        Records are encoded one by one into a single ``bytearray`` (one line
-        each): the small ``bytes`` and dicts die at once, which keeps the
-        allocator and the garbage collector out of the way; keeping thousands
-        of them alive until a batch write is several times slower.
-        """
-        f = self._file
-        buf = self._buf
-        if f is None or not buf:
+    def _send(self) -> None:
+        """Hand the pending events to the encoder as one JSON batch."""
+        pending = self._pending
+        if not pending:
             return
+        blob = encode_batch(pending)
+        pending.clear()
+        if self._inline is not None:
+            self._inline.feed(blob)
+            return
+        self._to_writer(frame(FRAME_EVENTS, blob))
+
+    def _to_writer(self, data: bytes) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
         try:
-            f.write(buf)
-        except OSError as exc:
-            exc.add_note(f"while writing trace file {self.path!r}")
-            raise
-        finally:
-            buf.clear()
+            proc.stdin.write(data)
+        except (BrokenPipeError, OSError) as exc:
+            raise self._writer_failed("while sending events") from exc
+
+    def _writer_failed(self, when: str) -> TraceError:
+        proc = self._proc
+        err = b""
+        if proc is not None:
+            try:
+                _, err = proc.communicate(timeout=10)
+            except (subprocess.TimeoutExpired, ValueError, OSError):
+                proc.kill()
+        self._closed = True
+        detail = err.decode(errors="replace").strip().splitlines()
+        tail = f": {detail[-1]}" if detail else ""
+        return TraceError(f"FileSink({self.path!r}): the trace writer process failed {when}{tail}")
+
+    # ------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        """Make every event recorded so far reach the file (the JSON stays unterminated until close)."""
+        if self._closed:
+            return
+        self._send()
+        if self._inline is not None:
+            self._inline.flush()
+            assert self._file is not None
+            self._file.flush()
+            return
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        self._to_writer(frame(FRAME_FLUSH))
+        try:
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._writer_failed("while flushing") from exc
+        if proc.stdout.readline() != b"flushed\n":
+            raise self._writer_failed("while flushing")
 
     def close(self) -> None:
         """Finish the file: spans still open end at the last time seen, marked ``unfinished``."""
-        if self._file is None:
+        if self._closed:
             return
-        for key, opened in list(self._open.items()):
-            cat, path, name = key[:3]
-            for ts, args in opened:
-                done = dict(args) if args is not None else {}
-                done["unfinished"] = True
-                fid = self._flows.pop((key[3], key[4]), None) if cat == "request" else None
-                self._span(ts, max(self._last_ps - ts, 0), cat, name, path, done, fid)
-        self._open.clear()
-        self.flush()
-        other = {
-            "generator": "kbus.trace",
-            "device": self._device,
-            "clock": "virtual time; ts and dur in microseconds with picosecond resolution",
-            "events": self.events_written,
-            "end_ps": self._last_ps,
-        }
-        f, self._file = self._file, None
-        self._buf = None
+        self._send()
+        self._closed = True
+        if self._inline is not None:
+            assert self._file is not None
+            try:
+                self.events_written = self._inline.finish()
+            finally:
+                self._file.close()
+            return
+        proc = self._proc
+        assert proc is not None
         try:
-            f.write(b'\n],"otherData":' + dumps(other) + b"}\n")
-        finally:
-            f.close()
+            out, err = proc.communicate()
+        except (BrokenPipeError, OSError) as exc:
+            raise self._writer_failed("while finishing the file") from exc
+        lines = out.split()
+        if proc.returncode != 0 or not lines:
+            detail = err.decode(errors="replace").strip().splitlines()
+            tail = f": {detail[-1]}" if detail else ""
+            raise TraceError(f"FileSink({self.path!r}): the trace writer process exited with {proc.returncode}{tail}")
+        self.events_written = int(lines[-1])
 
     def __enter__(self) -> FileSink:
         return self
@@ -479,5 +205,12 @@ class FileSink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None and not self._closed:
+            proc.kill()  # never closed: do not leave a writer process behind
+            proc.wait()
+
     def __repr__(self) -> str:
-        return f"<FileSink {self.path!r} {'closed' if self._file is None else 'open'} events={self.events_written}>"
+        state = "closed" if self._closed else "open"
+        return f"<FileSink {self.path!r} {state} writer={self.writer} events={self.events_written}>"

@@ -235,25 +235,59 @@ def test_same_workload_same_bytes_on_asyncio_and_uvloop(tmp_path: Path) -> None:
     assert a == c, "the trace differs from run to run"
 
 
+@pytest.mark.parametrize("writer", ["process", "inline"])
 @pytest.mark.asyncio
-async def test_written_incrementally_and_valid_only_when_closed(tmp_path: Path) -> None:
+async def test_written_incrementally_and_valid_only_when_closed(tmp_path: Path, writer: str) -> None:
     path = tmp_path / "inc.json"
     dev = FakeDevice(Sim())
-    sink = FileSink(path, flush_bytes=4096)
+    sink = FileSink(path, flush_bytes=4096, batch=256, writer=writer)  # type: ignore[arg-type]
     tracer = Tracer(dev, sink)
     await run_workload(dev, requests=20, window=4)
+    assert len(sink._pending) < 256  # memory on the simulation's side stays bounded by the batch
+    sink.flush()
     size = path.stat().st_size
-    assert size > 4096  # already on disk while the tracer is attached
+    assert size > 4096  # on disk while the tracer is attached
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(path.read_bytes())  # not terminated yet
-    buffered = len(sink._buf or b"")
-    assert buffered < 4096 + 2048  # memory stays bounded by flush_bytes (plus one record)
     tracer.close()
     await dev.close()
+    assert sink.events_written == len(load(path)["traceEvents"])
     validate_trace(load(path))
     with pytest.raises(TraceError, match=r"FileSink\('.*inc.json'\) is closed"):
         sink.write((0, None, "mem", "alloc", "x", None))
     sink.close()  # idempotent
+
+
+def test_process_and_inline_writers_give_identical_bytes(tmp_path: Path) -> None:
+    async def traced(path: Path, writer: str) -> None:
+        dev = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
+        with Tracer(dev, FileSink(path, batch=100, writer=writer)):  # type: ignore[arg-type]
+            await run_workload(dev, requests=40, window=8)
+        await dev.close()
+
+    asyncio.run(traced(tmp_path / "p.json", "process"))
+    asyncio.run(traced(tmp_path / "i.json", "inline"))
+    a, b = (tmp_path / "p.json").read_bytes(), (tmp_path / "i.json").read_bytes()
+    assert len(a) > 10_000 and a == b
+
+
+def test_bad_file_sink_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="batch must be an int >= 1, got 0"):
+        FileSink(tmp_path / "x.json", batch=0)
+    with pytest.raises(TraceError, match="writer must be 'process' or 'inline', got 'thread'"):
+        FileSink(tmp_path / "x.json", writer="thread")  # type: ignore[arg-type]
+    with pytest.raises(OSError):
+        FileSink(tmp_path / "no" / "such" / "dir.json")
+
+
+def test_a_writer_that_dies_is_reported_with_the_path(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "dead.json", batch=1)
+    assert sink._proc is not None
+    sink._proc.kill()
+    sink._proc.wait()
+    with pytest.raises(TraceError, match=r"dead\.json.*trace writer process"):
+        for i in range(10_000):  # the pipe breaks at the first write after the writer is gone
+            sink.write((i, None, "mem", "alloc", "x", None))
 
 
 @pytest.mark.asyncio
