@@ -1,35 +1,38 @@
 """Tracing benchmark: what a Tracer, the file sink and the live stream cost the simulation.
 
-The same workload runs, in one process and one run, with:
+The same workload runs with:
 
-* no tracer (the reference: hooks are ``None``);
-* the Chrome JSON file sink (``kbus.trace.record``), closing the file included;
+* no tracer (the peer: hooks are ``None``);
+* the Chrome JSON file sink with its writer process, closing the file included;
+* the same file sink with the inline writer (encoding in this process);
 * the websocket stream with no client (the ring only);
 * the stream with one client that reads everything (a separate process);
 * the stream with one client that never reads (a separate process with a tiny
   receive buffer): its events are dropped and counted, and the simulation must
   not wait for it.
 
-Wall time is that of the simulation (best of ``--repeat``); "events/s delivered"
-is what the reading client was sent, over the time from the simulation's start
-until the server had sent it everything. Roadmap goals: file sink <= 1.3x the
-untraced run, slow client <= 1.1x the stream with no client.
+Scenarios are interleaved round by round (every scenario once per round), and
+each traced run is divided by the untraced run of the same round: the table
+gives min / median / max of those ratios, so machine load drifting over the
+run moves all scenarios alike. Every run must end at the same virtual time.
+"events/s delivered" is what the reading client was sent, over the time from
+the simulation's start until the server had sent it everything.
 
-The workload runs on the real device (``kbus.hw.build_device``, preset
-``tiny``) when it exists, else on ``kbus.trace.fake.FakeDevice``: a stream of
-PeDmaMsg reads/writes to every PE plus MemoryWriteMsg broadcasts, 8 in flight.
+The workload runs on the real device (preset ``tiny`` by default): PeDmaMsg
+reads/writes to every PE plus MemoryWriteMsg broadcasts, 8 in flight.
 
-Usage: ``python tools/bench/trace.py [--requests N] [--device auto|real|fake] [--repeat R]``.
+Usage: ``python tools/bench/trace.py [--requests N] [--preset NAME] [--rounds R]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import print_table
 
 import kbus
+from kbus.hw import build_device
 from kbus.trace import FileSink, Tracer, serve
 
 CLIENT_TIMEOUT = 120.0
 
 
 # ------------------------------------------------------------------ workloads
-def _real_device() -> Callable[[kbus.Sim], Any] | None:
-    try:
-        from kbus.hw import build_device
-    except ImportError:
-        return None
-    return lambda sim: build_device(sim, "tiny")
-
-
 async def real_workload(dev: Any, n: int) -> int:
     """PeDmaMsg reads and writes round-robin over every PE, one broadcast write in 8; 8 in flight."""
     from kbus.protocol import MemoryWriteMsg, PeDmaMsg
@@ -69,35 +65,6 @@ async def real_workload(dev: Any, n: int) -> int:
 
     await asyncio.gather(*(worker(w) for w in range(8)))
     return int(dev.sim.now)
-
-
-def make_workload(
-    kind: str,
-) -> tuple[str, Callable[[], Any], Callable[[Any, int], Awaitable[int]], Callable[[Any], Awaitable[None]]]:
-    """(label, device factory, workload, closer) for ``kind`` in auto/real/fake."""
-    factory = _real_device() if kind in ("auto", "real") else None
-    if factory is not None:
-
-        async def close_real(dev: Any) -> None:
-            await dev.aclose()
-
-        return "real device, preset 'tiny'", lambda: factory(kbus.Sim()), real_workload, close_real
-    if kind == "real":
-        raise SystemExit("--device real: kbus.hw.build_device is not available")
-    from kbus.trace.fake import FakeDevice, run_workload
-
-    async def fake_workload(dev: Any, n: int) -> int:
-        return await run_workload(dev, requests=n, window=8)
-
-    async def close_fake(dev: Any) -> None:
-        await dev.close()
-
-    return (
-        "fake device (kbus.trace.fake), 1 SIP x 2 cubes x 2 PEs",
-        lambda: FakeDevice(kbus.Sim()),
-        fake_workload,
-        close_fake,
-    )
 
 
 # ------------------------------------------------------------------- clients
@@ -168,20 +135,21 @@ async def poll(cond: Callable[[], bool], interval: float) -> None:
 Result = dict[str, Any]
 
 
-def scenario(kind: str, n: int, mode: str, tmpdir: Path) -> Result:
-    label, factory, workload, close = make_workload(kind)
+def scenario(preset: str, n: int, mode: str, tmpdir: Path) -> Result:
+    workload = real_workload
 
     async def main() -> Result:
-        dev = factory()
-        out: Result = {"label": label}
+        dev = build_device(kbus.Sim(), preset)
+        out: Result = {}
         if mode == "none":
             t0 = time.perf_counter()
             out["end"] = await workload(dev, n)
             out["wall"] = time.perf_counter() - t0
-        elif mode == "file":
+        elif mode in ("file", "inline"):
             path = tmpdir / "bench.json"
             t0 = time.perf_counter()
-            with Tracer(dev, FileSink(path)) as tracer:
+            writer = "process" if mode == "file" else "inline"
+            with Tracer(dev, FileSink(path, writer=writer)) as tracer:
                 out["end"] = await workload(dev, n)
                 sink = tracer.sinks[0]
             out["wall"] = time.perf_counter() - t0  # closing the file included
@@ -217,70 +185,76 @@ def scenario(kind: str, n: int, mode: str, tmpdir: Path) -> Result:
                 if proc.returncode is None:
                     proc.kill()
                 await proc.wait()
-        await close(dev)
+        await dev.aclose()
         return out
 
     return kbus.run(main)
 
 
-def best(kind: str, n: int, mode: str, repeat: int, tmpdir: Path) -> Result:
-    runs = [scenario(kind, n, mode, tmpdir) for _ in range(repeat)]
-    return min(runs, key=lambda r: float(r["wall"]))
+MODES = [
+    ("no tracer", "none"),
+    ("file sink, writer process", "file"),
+    ("file sink, inline writer", "inline"),
+    ("stream, no client", "stream"),
+    ("stream + reading client", "read"),
+    ("stream + stalled client", "stall"),
+]
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--requests", type=int, default=3000, help="host requests per run (default 3000)")
-    ap.add_argument("--device", choices=("auto", "real", "fake"), default="auto")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per scenario; the best is kept")
+    ap.add_argument("--preset", default="tiny", help="device preset (default tiny)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs every scenario once (default 5)")
     args = ap.parse_args()
+    if args.requests < 1 or args.rounds < 1:
+        ap.error("--requests and --rounds must be >= 1")
+    runs: dict[str, list[Result]] = {mode: [] for _label, mode in MODES}
     with tempfile.TemporaryDirectory(prefix="kbus-trace-bench-") as tmp:
-        tmpdir = Path(tmp)
-        modes = [
-            ("no tracer", "none"),
-            ("file sink (Chrome JSON)", "file"),
-            ("stream, no client", "stream"),
-            ("stream + reading client", "read"),
-            ("stream + stalled client", "stall"),
-        ]
-        results = {mode: best(args.device, args.requests, mode, args.repeat, tmpdir) for _label, mode in modes}
-    ref = results["none"]
-    ends = {r["end"] for r in results.values()}
+        for r in range(args.rounds):
+            for _label, mode in MODES:
+                runs[mode].append(scenario(args.preset, args.requests, mode, Path(tmp)))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    ends = {res["end"] for results in runs.values() for res in results}
     if len(ends) != 1:
         raise SystemExit(f"tracing changed virtual time: final times {sorted(ends)}")
+    ref = [res["wall"] for res in runs["none"]]
     rows = []
-    for label, mode in modes:
-        r = results[mode]
-        ratio = r["wall"] / ref["wall"]
-        extra = ""
+    for label, mode in MODES:
+        walls = [res["wall"] for res in runs[mode]]
+        ratios = [w / base for w, base in zip(walls, ref, strict=True)]
+        last = runs[mode][-1]
+        note = ""
         if mode == "stall":
-            extra = f"{r['wall'] / results['stream']['wall']:.2f}x vs stream, no client"
-        events = r.get("events")
+            alone = [res["wall"] for res in runs["stream"]]
+            note = spread([w / a for w, a in zip(walls, alone, strict=True)]) + " vs stream, no client"
+        if "bytes" in last:
+            note = f"{last['bytes'] / last['events']:.0f} bytes/record"
+        rates = [res["rate"] for res in runs[mode] if "rate" in res]
         rows.append(
             [
                 label,
-                f"{r['wall']:.3f}",
-                f"{ratio:.2f}x",
-                f"{events:,}" if events else "-",
-                f"{r['rate']:,.0f}" if "rate" in r else "-",
-                f"{r['dropped']:,}" if "dropped" in r else "-",
-                extra,
+                spread(ratios),
+                f"{last['events']:,}" if last.get("events") else "-",
+                f"{statistics.median(rates):,.0f}" if rates else "-",
+                f"{last['dropped']:,}" if "dropped" in last else "-",
+                note,
             ]
         )
-    label = results["none"]["label"]
     print_table(
-        f"tracing cost: {args.requests:,} requests on the {label}, uvloop, best of {args.repeat}",
-        ["run", "wall s", "vs no tracer", "events", "events/s delivered", "dropped", "note"],
+        f"tracing cost: {args.requests:,} requests on preset {args.preset!r}, uvloop, {args.rounds} interleaved rounds",
+        ["run", "vs no tracer (min / median / max)", "events", "events/s delivered", "dropped", "note"],
         rows,
     )
-    read = results["read"]
-    if read.get("received") != read.get("sent"):
-        print(f"warning: reading client received {read.get('received')} events, server sent {read.get('sent')}")
-    f = results["file"]
-    print(
-        f"file sink: {f['events']:,} records, {f['bytes'] / 2**20:.1f} MiB; "
-        f"roadmap goals: file sink <= 1.3x, stalled client <= 1.1x the stream alone"
-    )
+    print(f"untraced run: median {statistics.median(ref):.3f} s of wall time; virtual end {ends.pop()} ps")
+    for res in runs["read"]:
+        if res.get("received") != res.get("sent"):
+            print(f"warning: reading client received {res.get('received')} events, server sent {res.get('sent')}")
+    print("goals: file sink <= 1.3x; stream with no client <= 1.1x; stalled client <= 1.1x the stream alone")
 
 
 if __name__ == "__main__":
