@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the demo workload on a device and print a summary")
     _add_config_args(p)
-    p.add_argument("--trace", metavar="FILE", default=None, help="write a Chrome/Perfetto trace JSON file")
+    p.add_argument("--trace", metavar="FILE", default=None, help="write a trace (Chrome JSON; .pftrace: Perfetto)")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     p.set_defaults(func=_cmd_demo)
 

@@ -140,9 +140,8 @@ class ChromeEncoder:
         self._flush_bytes = flush_bytes
         self._file: IO[bytes] | None = out
         # The host's process records open the array, so every later record is ",\n" + record.
-        self._file.write(b'{"traceEvents":[\n' + dumps(_HOST_NAME) + b",\n" + dumps(_HOST_SORT))
         self._buf: bytearray | None = bytearray()
-        self.events_written = 2  # the host's two process records
+        self.events_written = 0
         self._device = ""
         self._kinds: dict[str, str] = {}
         self._pids: dict[str, int] = {"host": _HOST_PID}
@@ -159,6 +158,7 @@ class ChromeEncoder:
         self._flow_used: set[int] = set()
         self._next_flow = 1
         self._last_ps = 0
+        self._begin()
 
     # ------------------------------------------------------------ structure
     def _pid(self, path: str) -> int:
@@ -176,10 +176,8 @@ class ChromeEncoder:
             self._next_other_pid += 1
         self._pids[comp] = pid
         label = comp if not self._device or comp == "host" else f"{comp} ({self._device})"
-        self._emit({"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"name": label}})
-        self._emit(
-            {"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"sort_index": pid}}
-        )
+        self._out({"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"name": label}})
+        self._out({"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": 0, "args": {"sort_index": pid}})
         return pid
 
     def _track(self, path: str, group: str, owner: str) -> _Track:
@@ -224,8 +222,8 @@ class ChromeEncoder:
             tr.tids.append(tid)
             tr.lanes.append(0)
             name = tr.name if n == 0 else f"{tr.name} #{n + 1}"
-            self._emit({"name": "thread_name", "ph": "M", "ts": 0, "pid": tr.pid, "tid": tid, "args": {"name": name}})
-            self._emit(
+            self._out({"name": "thread_name", "ph": "M", "ts": 0, "pid": tr.pid, "tid": tid, "args": {"name": name}})
+            self._out(
                 {
                     "name": "thread_sort_index",
                     "ph": "M",
@@ -353,17 +351,7 @@ class ChromeEncoder:
         else:
             self._span(ts, dur, cat, name, path, args)
             return
-        try:
-            enc = _orjson_dumps(rec, default=_fallback, option=_OPTS)
-        except JSONEncodeError:
-            enc = dumps(rec)
-        buf = self._buf
-        assert buf is not None, "ChromeEncoder: events after finish()"
-        buf += b",\n"
-        buf += enc
-        self.events_written += 1
-        if len(buf) >= self._flush_bytes:
-            self.flush()
+        self._out(rec)
 
     def _span_key(self, cat: str, name: str, path: str, args: dict[str, Any] | None) -> _SpanKey:
         """What pairs a begin marker with its span: where, what, and the ids the args carry."""
@@ -421,17 +409,43 @@ class ChromeEncoder:
             self._flow_used.discard(flow)
             rec["bind_id"] = flow
             rec["flow_out"] = True
-        self._emit(rec)
+        self._out(rec)
 
     # ------------------------------------------------------------------ I/O
-    def _emit(self, rec: dict[str, Any]) -> None:
+    # ---------------------------------------------------------------- output
+    # The layout above (processes, tracks, lanes, flows) yields Chrome trace
+    # records as dicts; these three methods turn them into bytes, and are all a
+    # subclass writing another format overrides.
+    def _begin(self) -> None:
+        """Start the file: the array opens with the host's process records."""
+        assert self._buf is not None
+        self._buf += b'{"traceEvents":[\n' + dumps(_HOST_NAME) + b",\n" + dumps(_HOST_SORT)
+        self.events_written = 2
+
+    def _out(self, rec: dict[str, Any]) -> None:
+        """Append one record (one line)."""
+        try:
+            enc = _orjson_dumps(rec, default=_fallback, option=_OPTS)
+        except JSONEncodeError:
+            enc = dumps(rec)
         buf = self._buf
-        assert buf is not None
+        assert buf is not None, "ChromeEncoder: events after finish()"
         buf += b",\n"
-        buf += dumps(rec)
+        buf += enc
         self.events_written += 1
         if len(buf) >= self._flush_bytes:
             self.flush()
+
+    def _end(self) -> bytes:
+        """The tail that makes the file complete."""
+        other = {
+            "generator": "kbus.trace",
+            "device": self._device,
+            "clock": "virtual time; ts and dur in microseconds with picosecond resolution",
+            "events": self.events_written,
+            "end_ps": self._last_ps,
+        }
+        return b'\n],"otherData":' + dumps(other) + b"}\n"
 
     def flush(self) -> None:
         """Write the records encoded so far (the JSON stays unterminated until close).
@@ -466,16 +480,9 @@ class ChromeEncoder:
                 self._span(ts, max(self._last_ps - ts, 0), cat, name, path, done, fid)
         self._open.clear()
         self.flush()
-        other = {
-            "generator": "kbus.trace",
-            "device": self._device,
-            "clock": "virtual time; ts and dur in microseconds with picosecond resolution",
-            "events": self.events_written,
-            "end_ps": self._last_ps,
-        }
         f, self._file = self._file, None
         self._buf = None
-        f.write(b'\n],"otherData":' + dumps(other) + b"}\n")
+        f.write(self._end())
         f.flush()
         return self.events_written
 
@@ -526,16 +533,16 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
 
 
 def main(argv: list[str]) -> int:
-    """The writer process: ``argv = [path, counters(0|1), flush_bytes]``; frames on stdin.
+    """The writer process: ``argv = [path, format (json|perfetto), counters (0|1), flush_bytes]``.
 
-    Reads frames until end of input, then finishes the file and prints the
-    number of records written as the last line on stdout. Runs without
-    importing kbus, so it starts in a few tens of milliseconds.
+    Reads frames from stdin until end of input, then finishes the file and
+    prints the number of records written as the last line on stdout. Runs
+    without importing kbus, so it starts in a few tens of milliseconds.
     """
-    path, counters, flush_bytes = argv[0], argv[1] == "1", int(argv[2])
+    path, fmt, counters, flush_bytes = argv[0], argv[1], argv[2] == "1", int(argv[3])
     stdin, stdout = sys.stdin.buffer, sys.stdout
     with open(path, "wb") as out:
-        enc = ChromeEncoder(out, counters=counters, flush_bytes=flush_bytes)
+        enc = make_encoder(fmt, out, counters=counters, flush_bytes=flush_bytes)
         while True:
             head = _read_exact(stdin, _HEADER.size)
             if head is None:
@@ -553,3 +560,14 @@ def main(argv: list[str]) -> int:
     stdout.write(f"{count}\n")
     stdout.flush()
     return 0
+
+
+def make_encoder(fmt: str, out: IO[bytes], *, counters: bool, flush_bytes: int) -> ChromeEncoder:
+    """The encoder for ``fmt``: ``"json"`` (Chrome trace-event JSON) or ``"perfetto"`` (protobuf)."""
+    if fmt == "json":
+        return ChromeEncoder(out, counters=counters, flush_bytes=flush_bytes)
+    if fmt == "perfetto":
+        from ._perfetto_encode import PerfettoEncoder
+
+        return PerfettoEncoder(out, counters=counters, flush_bytes=flush_bytes)
+    raise ValueError(f"trace format must be 'json' or 'perfetto', got {fmt!r}")
