@@ -12,7 +12,13 @@ Design, and why
   connection, separate from the handler that reads the client's messages)
   wakes every ``flush_interval`` seconds of wall time, takes the events between
   its cursor and the head, filters them and sends them in frames of at most
-  ``batch`` events (one event per frame costs ~30x more). The ring is the
+  ``batch`` events (one event per frame costs ~30x more).
+* **A frame is encoded once.** The ring is cut into *blocks* of ``batch``
+  consecutive sequence numbers; the frame for a whole block under one filter
+  is encoded once and the same bytes go to every client with that filter.
+  A block still filling is sent on its own only once the simulation has
+  paused (the head did not move for a whole ``flush_interval``), so a
+  running simulation costs one encoding per block per filter, not per client. The ring is the
   client's bounded buffer: if a client falls more than ``buffer`` events
   behind, the oldest are dropped for it and counted (``dropped`` in its status
   frames). ``websockets.broadcast`` is not used because it has no backpressure.
@@ -197,7 +203,19 @@ class StreamClient:
     events sent to it.
     """
 
-    __slots__ = ("_dropped", "_sink", "cursor", "filter", "frames", "peer", "predicate", "sent", "ws")
+    __slots__ = (
+        "_dropped",
+        "_sink",
+        "cursor",
+        "filter",
+        "filter_key",
+        "frames",
+        "last_head",
+        "peer",
+        "predicate",
+        "sent",
+        "ws",
+    )
 
     def __init__(self, ws: ServerConnection, sink: StreamSink) -> None:
         self.ws = ws
@@ -208,7 +226,9 @@ class StreamClient:
         self.sent = 0
         self.frames = 0
         self.filter: EventFilter | None = None
+        self.filter_key = b""
         self.predicate: Callable[[Event], bool] | None = None
+        self.last_head = -1  # the head at the relay's previous pass (to see the simulation pause)
 
     @property
     def dropped(self) -> int:
@@ -251,6 +271,10 @@ class TraceServer:
         self.host = ""
         self.port = 0
         self._clients: list[StreamClient] = []
+        # (filter key, block) -> (encoded frame or b"" if nothing matched, events in it)
+        self._frames: dict[tuple[bytes, int], tuple[bytes, int]] = {}
+        self.frames_encoded = 0
+        """Event frames encoded so far (a whole block is encoded once per filter, whatever the clients)."""
 
     @property
     def url(self) -> str:
@@ -313,6 +337,7 @@ class TraceServer:
                 return self._error(f"subscribe: {exc}")
             sink = self.sink
             client.filter = filt
+            client.filter_key = dumps(filt.to_json())
             client.predicate = filt.compile()
             client.catch_up()  # losses under the previous subscription stay counted
             client.cursor = sink.seq - len(sink.ring) if backlog else sink.seq
@@ -377,34 +402,57 @@ class TraceServer:
             return
 
     async def _drain(self, client: StreamClient) -> None:
-        """Send this client everything between its cursor and the head, filtered, in frames."""
-        ring = self.sink.ring
-        head = self.sink.seq
-        client.catch_up()
-        n = head - client.cursor
-        if n <= 0:
-            return
-        # Snapshot before awaiting: the ring moves while frames are being sent.
-        events = list(islice(ring, len(ring) - n, None))
-        client.cursor = head
-        pred = client.predicate
-        if pred is None:
-            return
-        batch_size = self.batch
-        batch: list[Event] = []
-        for ev in events:
-            if pred(ev):
-                batch.append(ev)
-                if len(batch) >= batch_size:
-                    await self._send_events(client, batch)
-                    batch = []
-        if batch:
-            await self._send_events(client, batch)
+        """Send this client everything between its cursor and the head, filtered, block by block."""
+        sink = self.sink
+        size = self.batch
+        head = sink.seq
+        paused = head == client.last_head
+        client.last_head = head
+        while True:
+            client.catch_up()
+            pred = client.predicate
+            cursor = client.cursor
+            if pred is None or cursor >= head:
+                return
+            block, offset = divmod(cursor, size)
+            end = (block + 1) * size
+            if end > head:  # the block is still filling: send it now only if the simulation paused
+                if not paused:
+                    return
+                end = head
+            # Take the events out of the ring before awaiting: the ring moves meanwhile.
+            ring = sink.ring
+            first = cursor - (sink.seq - len(ring))
+            if offset == 0 and end == (block + 1) * size:
+                frame, n = self._block_frame(client.filter_key, block, pred, ring, first)
+            else:
+                frame, n = self._encode([ev for ev in islice(ring, first, first + end - cursor) if pred(ev)])
+            client.cursor = end
+            if n:
+                await client.ws.send(frame, text=True)
+                client.sent += n
+                client.frames += 1
 
-    async def _send_events(self, client: StreamClient, batch: list[Event]) -> None:
-        await client.ws.send(dumps({"type": "events", "events": batch}), text=True)
-        client.sent += len(batch)
-        client.frames += 1
+    def _block_frame(
+        self, key: bytes, block: int, pred: Callable[[Event], bool], ring: deque[Event], first: int
+    ) -> tuple[bytes, int]:
+        """The frame of a whole block under one filter, encoded by the first client to need it."""
+        cached = self._frames.get((key, block))
+        if cached is None:
+            cached = self._encode([ev for ev in islice(ring, first, first + self.batch) if pred(ev)])
+            frames = self._frames
+            frames[(key, block)] = cached
+            if len(frames) > 4 * (ring.maxlen or 1) // self.batch + 64:
+                oldest = (self.sink.seq - len(ring)) // self.batch
+                for k in [k for k in frames if k[1] < oldest]:
+                    del frames[k]
+        return cached
+
+    def _encode(self, events: list[Event]) -> tuple[bytes, int]:
+        if not events:
+            return b"", 0
+        self.frames_encoded += 1
+        return dumps({"type": "events", "events": events}), len(events)
 
     def __repr__(self) -> str:
         return f"<TraceServer {self.url} clients={len(self._clients)} events={self.sink.seq}>"
