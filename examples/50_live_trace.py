@@ -5,7 +5,7 @@ What this shows, in order:
 1. ``kbus.trace.serve(device, port=0)`` starts a websocket server on
    loopback (``port=0`` picks a free port; read it from ``server.url``);
 2. a client (here the ``websockets`` library; in practice the page in
-   ``tools/trace-viewer/`` or your own tool) subscribes with a filter:
+   the viewer page served on the same port, or your own tool) subscribes with a filter:
    ``{"op": "subscribe", "filter": {"cat": ["request"]}}`` (host requests only);
 3. the device runs some tensor work while the server streams it;
 4. the client reads ``events`` frames, each a batch of

@@ -8,11 +8,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
 from . import __version__
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 0..65535 (0 picks a free port)")
+    return port
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n} must be >= {minimum}")
+        return n
+
+    return parse
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes", default=None, help="comma-separated transfer sizes in bytes (default 64,4096,65536,1048576)"
     )
-    p.add_argument("--max-pes", type=int, default=None, help="probe only the first N PEs (default: all)")
+    p.add_argument("--max-pes", type=_count(1), default=None, help="probe only the first N PEs (default: all)")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     p.set_defaults(func=_cmd_probe)
 
@@ -98,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("serve", help="run the demo with a live websocket trace stream")
     _add_config_args(ts)
     ts.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    ts.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 picks a free one)")
-    ts.add_argument("--repeat", type=int, default=0, help="run the demo workload N times (0 = until interrupted)")
+    ts.add_argument("--port", type=_port, default=8765, help="port to bind (default 8765; 0 picks a free one)")
+    ts.add_argument(
+        "--repeat", type=_count(0), default=0, help="run the demo workload N times (0 = until interrupted)"
+    )
     ts.set_defaults(func=_cmd_trace_serve)
     return parser
 

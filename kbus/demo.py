@@ -130,19 +130,36 @@ def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: b
 
 
 def serve_demo(config: str = "default", *, host: str = "127.0.0.1", port: int = 8765, repeat: int = 0) -> int:
-    """Run the demo workload repeatedly with a live websocket trace stream."""
+    """Run the demo workload repeatedly with a live websocket trace stream.
+
+    Prints the one URL to open (the viewer page is served on the stream's own
+    port), then a line per client connecting or leaving and per finished run.
+    """
     import kbus
     from kbus import trace as ktrace
+    from kbus.sim.units import format_time
 
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True)
+
+    def on_client(what: str, client: ktrace.StreamClient) -> None:
+        if what == "connect":
+            console.print(f"viewer connected from {client.peer}")
+        else:
+            console.print(f"viewer {client.peer} left (sent {client.sent:,} events, dropped {client.dropped:,})")
 
     async def main() -> int:
         async with kbus.open_device(config) as torch, ktrace.serve(torch.device, host=host, port=port) as server:
-            console.print(f"live trace on {server.url} — open tools/trace-viewer/index.html?ws={server.url}")
+            server.on_client = on_client
+            console.print(f"live trace of {config!r}: open {server.viewer_url} (websocket {server.url})")
+            console.print("Ctrl-C stops" + (f"; {repeat} run(s)" if repeat else ""))
             i = 0
             while repeat == 0 or i < repeat:
                 await workload(torch, None, seed=i)
                 i += 1
+                console.print(
+                    f"run {i}: virtual time {format_time(torch.device.sim.now)}, "
+                    f"{server.events:,} events, {len(server.clients)} viewer(s)"
+                )
                 await asyncio.sleep(0.2)
         return 0
 

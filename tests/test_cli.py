@@ -36,6 +36,26 @@ def test_bad_input_exits_2_with_a_reason(argv: list[str], message: str, capsys: 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["trace", "serve", "--port", "99999"], "99999 is outside 0..65535"),
+        (["trace", "serve", "--port", "65536"], "65536 is outside 0..65535"),
+        (["trace", "serve", "--port", "http"], "'http' is not a port number"),
+        (["trace", "serve", "--repeat", "-3"], "-3 must be >= 0"),
+        (["probe", "--preset", "tiny", "--max-pes", "0"], "0 must be >= 1"),
+        (["probe", "--preset", "tiny", "--max-pes", "-5"], "-5 must be >= 1"),
+    ],
+)
+def test_bad_option_values_exit_2_before_any_work(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_demo_with_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "run.json"
     assert main(["demo", "--preset", "tiny", "--trace", str(trace)]) == 0
@@ -43,3 +63,10 @@ def test_demo_with_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     events = json.loads(trace.read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events
     assert {"X", "M", "C"} <= {e["ph"] for e in events}
+
+
+def test_trace_serve_prints_the_viewer_url_and_each_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "serve", "--preset", "tiny", "--port", "0", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "open http://127.0.0.1:" in out and "(websocket ws://127.0.0.1:" in out
+    assert "run 1: virtual time" in out and "run 2: virtual time" in out

@@ -6,7 +6,7 @@
 * :class:`FileSink` writes Chrome trace-event JSON for Perfetto UI and
   chrome://tracing; :func:`record` is the one-liner.
 * :func:`serve` streams events live over websockets (the page in
-  ``tools/trace-viewer/`` draws them).
+  the viewer page ``serve()`` also serves draws them).
 
 See ``kbus/trace/README.md`` for the event model and the stream protocol.
 """

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from importlib import resources
 from itertools import islice
 from typing import Any, Final
 
@@ -43,16 +46,41 @@ import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from .events import FIELDS, Event, dumps
 from .tracer import TraceError, Tracer
 
-__all__ = ["EventFilter", "StreamClient", "StreamSink", "TraceServer", "serve"]
+__all__ = ["EventFilter", "StreamClient", "StreamSink", "TraceServer", "serve", "viewer_html"]
 
 log = logging.getLogger("kbus.trace.stream")
 
 _OPS: Final = ("subscribe", "unsubscribe", "status")
 _FILTER_KEYS: Final = ("path_prefix", "cat", "msg_type")
+
+
+@functools.cache
+def viewer_html() -> str:
+    """The live viewer page shipped with the package (``kbus/trace/viewer/index.html``)."""
+    return (resources.files(__package__) / "viewer" / "index.html").read_text(encoding="utf-8")
+
+
+def _http_page(connection: ServerConnection, request: Request) -> Response | None:
+    """``process_request``: plain HTTP requests get the viewer page; websocket upgrades go on.
+
+    Serving the page from the stream's own port means one URL opens the live
+    view, and the page connects back to the host it was loaded from.
+    """
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+    path = request.path.split("?", 1)[0]
+    if path in ("/", "/index.html"):
+        response = connection.respond(HTTPStatus.OK, viewer_html())
+        del response.headers["Content-Type"]  # respond() made it text/plain; headers may repeat, so replace
+        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+    return connection.respond(HTTPStatus.NOT_FOUND, f"kbus trace server: nothing at {path}; the viewer is at /\n")
 
 
 class StreamSink:
@@ -250,8 +278,10 @@ class StreamClient:
 class TraceServer:
     """The running stream server that :func:`serve` yields.
 
-    ``port``/``url`` say where to connect; ``clients`` lists the connected
-    clients; ``events`` counts events published so far.
+    ``port``/``url`` say where to connect; ``viewer_url`` is the same port over
+    HTTP, where the live viewer page is served; ``clients`` lists the connected
+    clients; ``events`` counts events published so far. ``on_client``, if set,
+    is called with ``("connect" | "disconnect", client)`` as clients come and go.
     """
 
     def __init__(
@@ -275,11 +305,18 @@ class TraceServer:
         self._frames: dict[tuple[bytes, int], tuple[bytes, int]] = {}
         self.frames_encoded = 0
         """Event frames encoded so far (a whole block is encoded once per filter, whatever the clients)."""
+        self.on_client: Callable[[str, StreamClient], object] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}"
+
+    @property
+    def viewer_url(self) -> str:
+        """The live viewer page, served on the stream's own port (it connects back to this server)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
 
     @property
     def clients(self) -> tuple[StreamClient, ...]:
@@ -371,6 +408,7 @@ class TraceServer:
         """
         client = StreamClient(ws, self.sink)
         self._clients.append(client)
+        self._notify("connect", client)
         relay = asyncio.create_task(self._relay(client), name=f"kbus.trace relay {client.peer}")
         try:
             async for raw in ws:
@@ -382,6 +420,14 @@ class TraceServer:
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await relay
             self._clients.remove(client)
+            self._notify("disconnect", client)
+
+    def _notify(self, what: str, client: StreamClient) -> None:
+        if self.on_client is not None:
+            try:
+                self.on_client(what, client)
+            except Exception:  # a reporting callback must never break a connection
+                log.exception("on_client(%r) callback failed", what)
 
     async def _relay(self, client: StreamClient) -> None:
         ws = client.ws
@@ -486,6 +532,8 @@ async def serve(
     long shutdown waits for a client's closing handshake before dropping it;
     ``compression``: ``"deflate"`` for remote viewers (costs CPU on this side).
     """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise TraceError(f"serve: port must be an int in 0..65535 (0 picks a free port), got {port!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise TraceError(f"serve: batch must be an int >= 1 (events per frame), got {batch!r}")
     for name, value in (("flush_interval", flush_interval), ("status_interval", status_interval)):
@@ -503,6 +551,7 @@ async def serve(
             server._handler,
             host,
             port,
+            process_request=_http_page,
             max_size=max_size,
             compression=compression,
             close_timeout=close_timeout,

@@ -257,6 +257,12 @@ async def test_serve_checks_its_arguments() -> None:
     from kbus.trace import TraceError
 
     dev = FakeDevice(Sim())
+    for bad in (99999, 65536, -1, True, "8765"):
+        with pytest.raises(
+            TraceError, match=rf"port must be an int in 0\.\.65535 \(0 picks a free port\), got {bad!r}"
+        ):
+            async with serve(dev, port=bad):  # type: ignore[arg-type]
+                pass
     with pytest.raises(TraceError, match=r"batch must be an int >= 1"):
         async with serve(dev, batch=0):
             pass
@@ -307,3 +313,33 @@ async def test_clients_with_one_filter_share_each_encoded_frame() -> None:
     # pieces sent while the simulation paused), however many clients shared it.
     assert server.frames_encoded <= 2 * blocks + 6
     assert sent_frames >= 3 * blocks > server.frames_encoded
+
+
+@pytest.mark.asyncio
+async def test_the_viewer_page_is_served_on_the_stream_port_and_clients_are_reported() -> None:
+    import urllib.error
+    import urllib.request
+
+    dev = FakeDevice(Sim())
+    seen: list[tuple[str, str]] = []
+
+    def get(url: str) -> tuple[int, str, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status, resp.headers["Content-Type"], resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+    async with serve(dev) as server:
+        server.on_client = lambda what, client: seen.append((what, client.peer))
+        assert server.viewer_url == f"http://127.0.0.1:{server.port}/"
+        status, ctype, body = await asyncio.to_thread(get, server.viewer_url)
+        assert status == 200 and ctype.startswith("text/html")
+        assert "<title>kbus live trace</title>" in body and "ws://${location.host}" in body
+        status, _, body = await asyncio.to_thread(get, server.viewer_url + "nope.js")
+        assert status == 404 and "the viewer is at /" in body
+        async with connect(server.url, proxy=None) as ws:  # the websocket on the same port still works
+            await ws.send('{"op": "status"}')
+            assert (await recv_type(ws, "status"))["clients"] == 1
+        await until(lambda: len(seen) == 2, what="the disconnect report")
+    assert [w for w, _ in seen] == ["connect", "disconnect"] and seen[0][1] == seen[1][1]

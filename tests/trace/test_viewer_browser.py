@@ -13,17 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
-import http.server
 import itertools
 import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from kbus import Sim
 from kbus.trace import serve
-from kbus.trace.fake import FakeDevice, run_workload
 
-VIEWER_DIR = Path(__file__).resolve().parents[2] / "tools" / "trace-viewer"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -59,26 +54,6 @@ def find_chromium() -> str:
     if os.environ.get("KBUS_REQUIRE_BROWSER") == "1":
         pytest.fail("KBUS_REQUIRE_BROWSER=1 but no chromium binary found; run tools/ci-browser.sh")
     pytest.skip("chromium is not installed (tools/ci-browser.sh installs it)")
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def http_server(directory: Path) -> Iterator[int]:
-    """Serve ``directory`` on 127.0.0.1 from a thread; yield the port."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, name="viewer-http", daemon=True)
-    thread.start()
-    try:
-        yield int(httpd.server_address[1])
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @contextlib.asynccontextmanager
@@ -159,42 +134,18 @@ async def page_ws_url(port: int) -> str:
         await asyncio.sleep(0.2)
 
 
-async def drive_page(port: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Wait until the page has drawn events; return its hook state, a screenshot and the final state."""
-    async with connect(await page_ws_url(port), proxy=None, max_size=64 << 20) as cdp_ws:
-        cdp = DevTools(cdp_ws)
-        state: dict[str, Any] = {}
-        deadline = time.monotonic() + 45
-        while time.monotonic() < deadline:
-            state = orjson.loads(await cdp.evaluate("JSON.stringify(window.kbusViewer || null)") or "null") or {}
-            if state.get("eventsDrawn", 0) > 0 and state.get("rows", 0) > 10:
-                break
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # a few more frames, for a fuller screenshot
-        shot = await cdp.call("Page.captureScreenshot", format="png")
-        final = orjson.loads(await cdp.evaluate("JSON.stringify(window.kbusViewer)"))
-        return state, shot, final
+def live_device(preset: str) -> tuple[Any, Callable[[int], Awaitable[Any]], Callable[[], Awaitable[None]]]:
+    """The real device, a coroutine function running 16 more requests numbered from ``n``, and its closer."""
+    from kbus.hw import build_device
+    from kbus.protocol import MemoryWriteMsg, PeDmaMsg
 
-
-def live_device() -> tuple[Any, Callable[[int], Awaitable[Any]], Callable[[], Awaitable[None]]]:
-    """The real device (preset ``tiny``) if ``kbus.hw.build_device`` exists, else the fake one.
-
-    Returns the device, a coroutine function running 16 more requests numbered
-    from ``n``, and its closer.
-    """
-    try:
-        from kbus.hw import build_device
-        from kbus.protocol import MemoryWriteMsg, PeDmaMsg
-    except ImportError:
-        fake = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
-        return fake, lambda n: run_workload(fake, requests=16, window=8, first=n), fake.close
-    dev = build_device(Sim(), "tiny")
+    dev = build_device(Sim(), preset)
     base = dev.config.memory.hbm_base
     coords = [node.coord for node in dev.iter_pes()]
 
     async def chunk(n: int) -> None:
         async def one(i: int) -> None:
-            s, c, p = coords[i % len(coords)]
+            s, c, p = coords[(i * 7) % len(coords)]
             if i % 8 == 7:
                 await dev.request(MemoryWriteMsg("viewer", f"w{i}", s, c, p, base, 8192, pattern="zeros"))
             else:
@@ -205,22 +156,75 @@ def live_device() -> tuple[Any, Callable[[int], Awaitable[Any]], Callable[[], Aw
     return dev, chunk, dev.aclose
 
 
-def save_screenshot(png: bytes, tmp_path: Path) -> Path:
+def save_screenshot(png: bytes, tmp_path: Path, name: str) -> Path:
     """Keep the screenshot in the test's tmp dir, and in ``$KBUS_SCREENSHOT_DIR`` if set."""
-    out = tmp_path / "viewer.png"
+    out = tmp_path / name
     out.write_bytes(png)
     if os.environ.get("KBUS_SCREENSHOT_DIR"):
         keep = Path(os.environ["KBUS_SCREENSHOT_DIR"])
         keep.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out, keep / "viewer.png")
+        shutil.copy(out, keep / name)
     return out
 
 
+class Page:
+    """The viewer page under DevTools: read its hook, click like a person, type, take screenshots."""
+
+    def __init__(self, cdp: DevTools) -> None:
+        self.cdp = cdp
+
+    async def state(self) -> dict[str, Any]:
+        raw = await self.cdp.evaluate("JSON.stringify(window.kbusViewer || null)")
+        return orjson.loads(raw or "null") or {}
+
+    async def wait(self, what: str, cond: Callable[[dict[str, Any]], bool], timeout: float = 45) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = await self.state()
+            if cond(state):
+                return state
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the viewer never showed {what}; its state: {state}")
+
+    async def point(self, expression: str) -> tuple[float, float]:
+        p = orjson.loads(await self.cdp.evaluate(f"JSON.stringify({expression})") or "null")
+        assert p, f"nothing on the page for {expression}"
+        return float(p["x"]), float(p["y"])
+
+    async def click(self, x: float, y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.cdp.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        await asyncio.sleep(0.15)  # a frame or two
+
+    async def click_element(self, element_id: str) -> None:
+        box = f"document.getElementById({element_id!r}).getBoundingClientRect()"
+        x, y = await self.point(f"(b => ({{x: b.left + b.width / 2, y: b.top + b.height / 2}}))({box})")
+        await self.click(x, y)
+
+    async def type_into(self, element_id: str, text: str) -> None:
+        """Click into a text field, select what it holds and type over it."""
+        await self.click_element(element_id)
+        await self.cdp.evaluate(f"document.getElementById({element_id!r}).select()")
+        await self.cdp.call("Input.insertText", text=text)
+
+    async def screenshot(self) -> bytes:
+        return base64.b64decode((await self.cdp.call("Page.captureScreenshot", format="png"))["data"])
+
+    async def drawn_pixels(self) -> int:
+        """Pixels of the timeline that are not background (a blank page has none)."""
+        js = """(() => { const c = document.getElementById('cv'), x = c.getContext('2d');
+            const d = x.getImageData(0, 0, c.width, Math.min(c.height, 900)).data; let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] + d[i + 1] + d[i + 2] > 200) n++; return n; })()"""
+        return int(await self.cdp.evaluate(js))
+
+
 @pytest.mark.asyncio
-async def test_viewer_draws_live_events_in_headless_chromium(tmp_path: Path) -> None:
+async def test_viewer_served_by_the_stream_groups_clicks_and_searches_on_default(tmp_path: Path) -> None:
+    """On ``default`` (285 rows): the first screen shows the whole device, groups open and close,
+    a clicked span shows its fields, and a search highlights one request's whole path."""
     binary = find_chromium()
-    assert (VIEWER_DIR / "index.html").is_file()
-    dev, chunk, close = live_device()
+    dev, chunk, close = live_device("default")
     stop = asyncio.Event()
 
     async def simulate() -> None:
@@ -234,19 +238,57 @@ async def test_viewer_draws_live_events_in_headless_chromium(tmp_path: Path) -> 
     async with serve(dev, flush_interval=0.02, status_interval=0.2) as server:
         sim_task = asyncio.create_task(simulate())
         try:
-            with http_server(VIEWER_DIR) as http_port:
-                url = f"http://127.0.0.1:{http_port}/index.html?ws={server.url}"
-                async with chromium(binary, url, tmp_path / "profile") as port:
-                    state, shot, final = await drive_page(port)
+            async with (
+                chromium(binary, server.viewer_url, tmp_path / "profile") as port,
+                connect(await page_ws_url(port), proxy=None, max_size=64 << 20) as cdp_ws,
+            ):
+                page = Page(DevTools(cdp_ws))
+                first = await page.wait(
+                    "live events on every row",
+                    lambda s: s.get("connected") and s.get("rows", 0) >= len(dev.blocks) and s.get("eventsDrawn"),
+                )
+                # The first screen: cubes closed, so everything fits; closed groups draw their utilisation.
+                assert first["collapsed"] >= dev.config.topology.cubes_per_sip and first["visibleRows"] < 40, first
+                assert first["url"] == server.url  # the page connected back to the port it came from
+                await asyncio.sleep(0.5)
+                overview = await page.screenshot()
+                assert await page.drawn_pixels() > 2000
+
+                await page.click_element("follow")  # hold the view still while clicking on it
+                await page.click(*(await page.point("kbusViewer.groupPoint('sip0.cube0')")))
+                opened = await page.state()
+                assert opened["collapsed"] == first["collapsed"] - 1 and opened["visibleRows"] > first["visibleRows"]
+
+                await page.click(*(await page.point("kbusViewer.spanPoint('link')")))
+                picked = (await page.state())["selected"]
+                assert picked and picked["cat"] == "link" and "request_id" in picked["args"], picked
+                assert await cdp_ws_visible_details(page)
+
+                rid = picked["args"]["request_id"]
+                await page.type_into("search", f"{rid}")
+                await page.click_element("find")
+                found = await page.wait("the request's path", lambda s: s.get("searchHits", 0) >= 2)
+                assert len(found["searchRows"]) >= 2, found  # its messages crossed several blocks
+                searched = await page.screenshot()
+
+                await page.cdp.call("Page.navigate", url=server.viewer_url + "?prefix=sip0.cube1.pe2")
+                selected = await page.wait(
+                    "the rows of the prefix", lambda s: s.get("connected") and s.get("firstRow", "").startswith("sip0")
+                )
+                assert selected["firstRow"].startswith("sip0.cube1.pe2.") and selected["visibleRows"] == 4, selected
         finally:
             stop.set()
             await asyncio.wait_for(sim_task, 60)
     await close()
 
-    png = base64.b64decode(shot["data"])
-    print(f"viewer screenshot: {save_screenshot(png, tmp_path)}")
-    assert png.startswith(b"\x89PNG") and len(png) > 5000
-    assert state.get("connected") is True, state
-    assert state.get("eventsDrawn", 0) > 0, state
-    assert final["eventsReceived"] > 100 and final["rows"] >= len(dev.blocks), final
-    assert final["url"] == server.url
+    for name, png in (("viewer.png", overview), ("viewer-search.png", searched)):
+        print(f"viewer screenshot: {save_screenshot(png, tmp_path, name)}")
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+async def cdp_ws_visible_details(page: Page) -> bool:
+    """The details panel is shown and names a request id."""
+    text = await page.cdp.evaluate(
+        "(e => e.style.display === 'block' ? e.textContent : '')(document.getElementById('details'))"
+    )
+    return "request_id" in str(text)
