@@ -48,7 +48,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .events import FIELDS, Event, dumps
+from .events import CATEGORIES, FIELDS, Event, dumps
 from .tracer import TraceError, Tracer
 
 __all__ = ["EventFilter", "StreamClient", "StreamSink", "TraceServer", "serve", "viewer_html"]
@@ -150,6 +150,10 @@ class EventFilter:
         prefixes = _strings(spec, "path_prefix")
         cats = _strings(spec, "cat")
         msg_types = _strings(spec, "msg_type")
+        unknown_cats = [c for c in cats or () if c not in CATEGORIES or c == "meta"]
+        if unknown_cats:
+            known = ", ".join(c for c in CATEGORIES if c != "meta")
+            raise ValueError(f"unknown cat {', '.join(map(repr, unknown_cats))}; expected one of {known}")
         return cls(
             tuple(prefixes) if prefixes is not None else None,
             frozenset(cats) if cats is not None else None,

@@ -150,6 +150,10 @@ async def test_bad_messages_get_error_frames_naming_the_problem() -> None:
             "filter 'cat' must be a string or an array of strings, got a number",
         ),
         ('{"op": "subscribe", "filter": {"msg_type": []}}', "filter 'msg_type' is an empty array"),
+        (
+            '{"op": "subscribe", "filter": {"cat": ["busy", "bussy"]}}',
+            "unknown cat 'bussy'; expected one of link, busy, request, depth, mem, mmu, kernel",
+        ),
         ('{"op": "subscribe", "filter": [1]}', "'filter' must be an object, got an array"),
         ('{"op": "subscribe", "backlog": "yes"}', "'backlog' must be true or false, got a string"),
         ('{"op": "subscribe", "filters": {}}', "unknown key(s) 'filters'"),
