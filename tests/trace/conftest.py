@@ -1,14 +1,14 @@
-"""Shared helpers for the kbus.trace tests: a fake device and a recording sink."""
+"""Shared helpers for the kbus.trace tests: a real device factory and a recording sink."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytest
+from workloads import make_device as _make_device
 
-from kbus import Sim
+from kbus.hw import Device
 from kbus.trace import Event
-from kbus.trace.fake import FakeDevice
 
 
 class ListSink:
@@ -40,10 +40,6 @@ def make_sink() -> Callable[[], ListSink]:
 
 
 @pytest.fixture
-def make_device() -> Callable[..., FakeDevice]:
-    """``make_device(sips=1, cubes=2, pes=2)``: a fresh fake device on a fresh Sim (call inside a loop)."""
-
-    def make(**kw: int) -> FakeDevice:
-        return FakeDevice(Sim(), **kw)  # type: ignore[arg-type]
-
-    return make
+def make_device() -> Callable[..., Device]:
+    """``make_device(sips=1, cubes=2, pes=2)``: a fresh real device on a fresh Sim (call inside a loop)."""
+    return _make_device

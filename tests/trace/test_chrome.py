@@ -13,10 +13,12 @@ import numpy as np
 import orjson
 import pytest
 import uvloop
+from conftest import ListSink
+from workloads import device_config, make_device, make_request, run_workload, runtime_workload
 
+import kbus
 from kbus import Block, Link, Sim, ns
 from kbus.trace import FileSink, TraceError, Tracer, record
-from kbus.trace.fake import FakeDevice, run_workload
 
 # ------------------------------------------------------------------ validator
 PHASES = set("XBEbenIiCMstfPOND")
@@ -163,25 +165,38 @@ def load(path: Path) -> dict[str, Any]:
     return doc
 
 
-async def traced_workload(path: Path, requests: int = 60, **kw: Any) -> FakeDevice:
-    dev = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
-    with record(dev, path, **kw):
-        await run_workload(dev, requests=requests, window=8)
-    await dev.close()
-    return dev
+async def traced_workload(path: Path, requests: int = 60, sink: Any = None, runtime: bool = True, **kw: Any) -> None:
+    """Tensors and a kernel through the runtime, then ``requests`` raw requests, on a 2-SIP device.
+
+    ``runtime=False``: the raw requests only (the runtime's correlation ids count
+    the runtimes a process has opened, so two runtime runs in one process differ there).
+    """
+    if not runtime:
+        dev = make_device(sips=2)
+        with record(dev, path, **kw):
+            await run_workload(dev, requests=requests, window=8)
+        await dev.aclose()
+        return
+    async with kbus.open_device(device_config(sips=2)) as torch:
+        with record(torch.device, path, **kw) as tracer:
+            if sink is not None:
+                tracer.add_sink(sink)
+            await runtime_workload(torch)
+            await run_workload(torch.device, requests=requests, window=8, first=16, maps=False)
 
 
 @pytest.mark.asyncio
 async def test_workload_trace_is_valid_and_complete(tmp_path: Path) -> None:
     path = tmp_path / "run.json"
-    await traced_workload(path)
+    seen = ListSink()
+    await traced_workload(path, sink=seen)
     doc = load(path)
     counts = validate_trace(doc)
     assert counts["X"] > 500 and counts["C"] > 10 and counts["i"] > 10
     assert counts["flows"] >= 60  # at least one arrow per request, from it to its responses
     events = doc["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    assert procs == {1: "host", 2: "sip0 (fake)", 3: "sip1 (fake)"}
+    assert procs == {1: "host", 2: "sip0 (tiny)", 3: "sip1 (tiny)"}
     threads = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert "sip0.cube1.pe0.dma (PE_DMA)" in threads.values()
     assert "host->sip1.pcie_ep" in threads.values()
@@ -190,13 +205,12 @@ async def test_workload_trace_is_valid_and_complete(tmp_path: Path) -> None:
     cats = {e.get("cat") for e in events}
     assert {"link", "busy", "request", "kernel", "mem", "depth"} <= cats
     other = doc["otherData"]
-    assert other["device"] == "fake" and other["events"] == len(events)
-    # Spans carry virtual time exactly: a host link message lasts serialization + latency.
-    dev_link = FakeDevice(Sim()).links["host->sip0.pcie_ep"]
-    hop = next(
-        e for e in events if e["ph"] == "X" and e["cat"] == "link" and e["tid"] == _tid(threads, "host->sip0.pcie_ep")
-    )
-    assert round(hop["dur"] * 1e6) == dev_link.cost(64)
+    assert other["device"] == "tiny" and other["events"] == len(events)
+    # Spans carry virtual time exactly: microseconds in the file give back the events' picoseconds.
+    want = [(ev[0], ev[1]) for ev in seen.events if ev[2] == "link" and ev[4] == "host->sip0.pcie_ep"]
+    lanes = {tid for tid, name in threads.items() if name.split(" #")[0] == "host->sip0.pcie_ep"}
+    got = [(_ps(e["ts"]), _ps(e["dur"])) for e in events if e["ph"] == "X" and e.get("tid") in lanes]
+    assert sorted(got) == sorted(want) and len(got) > 10
 
 
 def _tid(threads: dict[int, str], name: str) -> int:
@@ -208,21 +222,26 @@ async def test_request_flows_link_requests_to_their_responses(tmp_path: Path) ->
     path = tmp_path / "flows.json"
     await traced_workload(path, requests=8)
     events = load(path)["traceEvents"]
-    requests = {e["args"]["correlation_id"]: e for e in events if e.get("cat") == "request"}
+    requests = {
+        e["args"]["request_id"]: e
+        for e in events
+        if e.get("cat") == "request" and not e["args"].get("unfinished")  # frees still in flight at close
+    }
     arrivals = [e for e in events if e.get("flow_in")]
-    by_corr: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_request: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in arrivals:
-        by_corr[e["args"]["correlation_id"]].append(e)
-    for corr, req in requests.items():
+        by_request[e["args"]["request_id"]].append(e)
+    assert len(requests) > 8
+    for rid, req in requests.items():
         assert req.get("flow_out") is True
-        ends = by_corr[corr]
+        ends = by_request[rid]
         assert len(ends) == req["args"]["responses"]
         assert all(e["bind_id"] == req["bind_id"] and e["name"] == "response" for e in ends)
         assert all(e["ts"] >= req["ts"] and e["ts"] <= req["ts"] + req["dur"] for e in ends)
 
 
 def run_on(runner: Callable[[Any], Any], path: Path) -> bytes:
-    runner(traced_workload(path, requests=40))
+    runner(traced_workload(path, requests=40, runtime=False))
     return path.read_bytes()
 
 
@@ -239,7 +258,7 @@ def test_same_workload_same_bytes_on_asyncio_and_uvloop(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_written_incrementally_and_valid_only_when_closed(tmp_path: Path, writer: str) -> None:
     path = tmp_path / "inc.json"
-    dev = FakeDevice(Sim())
+    dev = make_device()
     sink = FileSink(path, flush_bytes=4096, batch=256, writer=writer)  # type: ignore[arg-type]
     tracer = Tracer(dev, sink)
     await run_workload(dev, requests=20, window=4)
@@ -250,7 +269,7 @@ async def test_written_incrementally_and_valid_only_when_closed(tmp_path: Path, 
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(path.read_bytes())  # not terminated yet
     tracer.close()
-    await dev.close()
+    await dev.aclose()
     assert sink.events_written == len(load(path)["traceEvents"])
     validate_trace(load(path))
     with pytest.raises(TraceError, match=r"FileSink\('.*inc.json'\) is closed"):
@@ -260,10 +279,10 @@ async def test_written_incrementally_and_valid_only_when_closed(tmp_path: Path, 
 
 def test_process_and_inline_writers_give_identical_bytes(tmp_path: Path) -> None:
     async def traced(path: Path, writer: str) -> None:
-        dev = FakeDevice(Sim(), sips=2, cubes=2, pes=2)
+        dev = make_device(sips=2)
         with Tracer(dev, FileSink(path, batch=100, writer=writer)):  # type: ignore[arg-type]
             await run_workload(dev, requests=40, window=8)
-        await dev.close()
+        await dev.aclose()
 
     asyncio.run(traced(tmp_path / "p.json", "process"))
     asyncio.run(traced(tmp_path / "i.json", "inline"))
@@ -293,32 +312,28 @@ def test_a_writer_that_dies_is_reported_with_the_path(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_closing_mid_run_ends_open_spans_as_unfinished(tmp_path: Path) -> None:
     path = tmp_path / "mid.json"
-    dev = FakeDevice(Sim())
+    dev = make_device()
     tracer = record(dev, path)
-    dev.start()
-    for i in range(6):
-        dev.sim.spawn(dev.request(_kernel(i)), name=f"req{i}")
-    await dev.sim.run(until=ns(1200))  # kernels and requests are still running
+    for i in range(6):  # requests still travelling when the file is closed
+        dev.sim.spawn(dev.request(make_request(dev, i)), name=f"req{i}")
+    tracer.emit("kernel", "k", "sip0.cube0.pe0.cpu", 0, None, {"program_id": [0]})  # a kernel that never ends
+    await dev.sim.run(until=ns(1200))
     tracer.close()
-    await dev.close()
+    await dev.sim.run()
+    await dev.aclose()
     doc = load(path)
     validate_trace(doc)
     unfinished = [e for e in doc["traceEvents"] if e.get("args", {}).get("unfinished")]
     assert {e["cat"] for e in unfinished} == {"request", "kernel"}
+    assert sum(e["cat"] == "request" for e in unfinished) == 6
     end = doc["otherData"]["end_ps"]
     assert all(round((e["ts"] + e["dur"]) * 1e6) <= end for e in unfinished)
-
-
-def _kernel(i: int) -> Any:
-    from kbus.protocol.messages import KernelLaunchMsg, KernelRef
-
-    return KernelLaunchMsg(f"k{i}", f"r{i}", KernelRef("fake_kernel", "builtin"), ())
 
 
 @pytest.mark.asyncio
 async def test_odd_args_and_emitted_spans_never_break_the_file(tmp_path: Path) -> None:
     path = tmp_path / "odd.json"
-    dev = FakeDevice(Sim())
+    dev = make_device()
 
     class Thing:
         def __str__(self) -> str:
@@ -336,7 +351,7 @@ async def test_odd_args_and_emitted_spans_never_break_the_file(tmp_path: Path) -
     assert by_name[("alloc", 1e-5)]["args"] == {"big": str(2**70), "np": 7, "obj": "a thing"}
     assert by_name[("free", 2e-5)]["args"] == {"1": "non-string key", "s": [1, 2, 3]}
     procs = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
-    assert "elsewhere (fake)" in procs  # a path outside sipN/host gets its own process
+    assert "elsewhere (tiny)" in procs  # a path outside sipN/host gets its own process
 
 
 @pytest.mark.asyncio

@@ -1,4 +1,4 @@
-"""Tracing the real device (``kbus.hw.build_device``): the contract the fake device stands in for."""
+"""Tracing the real device (``kbus.hw.build_device``) end to end: files, flows, determinism, the stream."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ import uvloop
 from test_chrome import validate_trace
 
 from kbus import Sim
+from kbus.hw import build_device
 from kbus.protocol import MapEntry, MemoryWriteMsg, MmuMapMsg, MmuUnmapMsg, PeDmaMsg, UnmapEntry
 from kbus.trace import FileSink, Tracer, serve
-
-try:
-    from kbus.hw import build_device
-except ImportError:  # pragma: no cover - before the device lands
-    pytest.skip("kbus.hw.build_device is not available yet", allow_module_level=True)
 
 
 async def workload(dev: Any) -> None:

@@ -9,11 +9,10 @@ import orjson
 import pytest
 from test_chrome import validate_trace
 from websockets.asyncio.client import connect
+from workloads import make_device, run_workload
 
 import kbus
-from kbus import Sim
 from kbus.trace import TraceError, attach_from_open_device, parse_ws_spec
-from kbus.trace.fake import FakeDevice, run_workload
 
 
 def test_ws_spec_forms_and_errors() -> None:
@@ -35,7 +34,7 @@ def test_ws_spec_forms_and_errors() -> None:
 
 @pytest.mark.asyncio
 async def test_nothing_asked_nothing_attached() -> None:
-    dev = FakeDevice(Sim())
+    dev = make_device()
     async with attach_from_open_device(dev) as session:
         assert session is None
         assert all(link.on_send is None for link in dev.links.values())
@@ -47,7 +46,7 @@ async def test_nothing_asked_nothing_attached() -> None:
 @pytest.mark.asyncio
 async def test_file_and_stream_together(tmp_path: Path) -> None:
     path = tmp_path / "both.json"
-    dev = FakeDevice(Sim())
+    dev = make_device()
     async with attach_from_open_device(dev, trace=path, trace_ws=0) as session:
         assert session is not None and session.server is not None
         assert session.server.port > 0
@@ -65,12 +64,12 @@ async def test_file_and_stream_together(tmp_path: Path) -> None:
     assert dev.sim.tracer is None
     counts = validate_trace(orjson.loads(path.read_bytes()))
     assert counts["flows"] >= 4
-    await dev.close()
+    await dev.aclose()
 
 
 @pytest.mark.asyncio
 async def test_bad_trace_argument_is_named() -> None:
-    dev = FakeDevice(Sim())
+    dev = make_device()
     with pytest.raises(TraceError, match=r"open_device\(trace=...\) takes a file path, got int 3"):
         async with attach_from_open_device(dev, trace=3):  # type: ignore[arg-type]
             pass
@@ -79,9 +78,7 @@ async def test_bad_trace_argument_is_named() -> None:
 
 @pytest.mark.asyncio
 async def test_open_device_writes_a_trace(tmp_path: Path) -> None:
-    open_device = getattr(kbus, "open_device", None)
-    if open_device is None:  # pragma: no cover - before the runtime lands
-        pytest.skip("kbus.open_device is not available yet")
+    open_device = kbus.open_device
     from kbus.protocol import PeDmaMsg
 
     path = tmp_path / "open.json"

@@ -6,16 +6,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from workloads import device_config, run_workload, runtime_workload
 
+import kbus
 from kbus import Block, Inbox, Link, Sim, ns
+from kbus.hw import Device
 from kbus.trace import TraceError, Tracer, event_dict
-from kbus.trace.fake import FakeDevice, run_workload
 
 if TYPE_CHECKING:
     from conftest import ListSink
 
 
-def hooks(device: FakeDevice) -> list[object]:
+def hooks(device: Device) -> list[object]:
     """Every hook attribute the tracer may set, in a fixed order."""
     out: list[object] = [device.on_request, getattr(device.sim, "tracer", None)]
     out += [link.on_send for link in device.links.values()]
@@ -29,7 +31,7 @@ def hooks(device: FakeDevice) -> list[object]:
 
 
 @pytest.mark.asyncio
-async def test_attach_sets_every_hook_and_detach_restores_none(make_device: Callable[..., FakeDevice]) -> None:
+async def test_attach_sets_every_hook_and_detach_restores_none(make_device: Callable[..., Device]) -> None:
     dev = make_device()
     assert all(h is None for h in hooks(dev))
     tracer = Tracer(dev)
@@ -43,13 +45,13 @@ async def test_attach_sets_every_hook_and_detach_restores_none(make_device: Call
 
 
 @pytest.mark.asyncio
-async def test_every_event_kind_is_produced(make_device: Callable[..., FakeDevice], list_sink: ListSink) -> None:
-    dev = make_device()
-    with Tracer(dev, list_sink):
-        await run_workload(dev, requests=16, window=4)
-    await dev.close()
+async def test_every_event_kind_is_produced(list_sink: ListSink) -> None:
+    async with kbus.open_device(device_config()) as torch:
+        dev = torch.device
+        with Tracer(dev, list_sink):
+            await runtime_workload(torch)
     assert list_sink.closed
-    assert list_sink.cats() == {"meta", "link", "busy", "request", "depth", "kernel", "mem"}
+    assert list_sink.cats() == {"meta", "link", "busy", "request", "depth", "kernel", "mem", "mmu"}
     first = event_dict(list_sink.events[0])
     assert first["cat"] == "meta" and first["name"] == "topology"
     assert list(first["args"]["blocks"]) == list(dev.blocks)
@@ -61,19 +63,19 @@ async def test_every_event_kind_is_produced(make_device: Callable[..., FakeDevic
 
 
 @pytest.mark.asyncio
-async def test_link_events_carry_message_fields(make_device: Callable[..., FakeDevice], list_sink: ListSink) -> None:
+async def test_link_events_carry_message_fields(make_device: Callable[..., Device], list_sink: ListSink) -> None:
     dev = make_device()
     with Tracer(dev, list_sink):
         await run_workload(dev, requests=4, window=1)
-    await dev.close()
+    await dev.aclose()
     links = [ev for ev in list_sink.events if ev[2] == "link"]
     host_out = [ev for ev in links if ev[4] == "host->sip0.pcie_ep"]
-    assert [ev[5]["correlation_id"] for ev in host_out if ev[5]] == ["c0", "c1", "c2", "c3"]
+    assert [ev[5]["request_id"] for ev in host_out if ev[5]] == ["d0", "d1", "d2", "d3"]
     first = host_out[0]
-    assert first[3] == "memory_write"
-    assert first[5] == {"msg_type": "memory_write", "correlation_id": "c0", "request_id": "r0", "bytes": 64}
-    link = dev.links["host->sip0.pcie_ep"]
-    assert first[1] == link.cost(64)  # offered at ts, delivered after serialization + latency
+    assert first[3] == "pe_dma"
+    assert first[5] is not None and set(first[5]) == {"msg_type", "correlation_id", "request_id", "bytes"}
+    assert first[5]["msg_type"] == "pe_dma" and first[5]["correlation_id"] == "t" and first[5]["bytes"] > 0
+    assert first[1] is not None and first[1] > 0  # offered at ts, delivered dur later
     data = [ev for ev in links if ev[3] == "data"]
     assert data and all(ev[5] is not None and set(ev[5]) == {"bytes"} for ev in data)
     responses = [ev for ev in links if ev[4] == "sip0.pcie_ep->host"]
@@ -82,22 +84,22 @@ async def test_link_events_carry_message_fields(make_device: Callable[..., FakeD
 
 @pytest.mark.asyncio
 async def test_requests_give_a_begin_marker_then_a_span(
-    make_device: Callable[..., FakeDevice], list_sink: ListSink
+    make_device: Callable[..., Device], list_sink: ListSink
 ) -> None:
     dev = make_device()
     with Tracer(dev, list_sink):
-        await run_workload(dev, requests=4, window=2)
-    await dev.close()
+        await run_workload(dev, requests=8, window=2)
+    await dev.aclose()
     reqs = [ev for ev in list_sink.events if ev[2] == "request"]
-    begins = {ev[5]["correlation_id"]: ev for ev in reqs if ev[1] is None and ev[5]}
-    spans = {ev[5]["correlation_id"]: ev for ev in reqs if ev[1] is not None and ev[5]}
-    assert set(begins) == set(spans) == {"c0", "c1", "c2", "c3"}
-    for corr, span in spans.items():
-        assert span[0] == begins[corr][0]  # the span starts at the begin marker
+    begins = {ev[5]["request_id"]: ev for ev in reqs if ev[1] is None and ev[5]}
+    spans = {ev[5]["request_id"]: ev for ev in reqs if ev[1] is not None and ev[5]}
+    assert set(begins) == set(spans) == {"d0", "d1", "d2", "d3", "d4", "d5", "d6", "w7"}
+    for rid, span in spans.items():
+        assert span[0] == begins[rid][0]  # the span starts at the begin marker
         assert span[1] is not None and span[1] > 0
         assert span[5] is not None and span[5]["ok"] is True
-    assert spans["c2"][5] is not None and spans["c2"][5]["responses"] == 4  # request 2 broadcasts to 2x2 PEs
-    assert spans["c0"][5] is not None and spans["c0"][5]["responses"] == 1
+    assert spans["w7"][5] is not None and spans["w7"][5]["responses"] == 4  # a broadcast write to 2x2 PEs
+    assert spans["d0"][5] is not None and spans["d0"][5]["responses"] == 1
 
 
 @pytest.mark.asyncio
@@ -143,7 +145,7 @@ async def test_busy_and_depth_events_name_the_block(list_sink: ListSink) -> None
 
 @pytest.mark.asyncio
 async def test_emit_records_layer_events_and_checks_its_arguments(
-    make_device: Callable[..., FakeDevice], list_sink: ListSink
+    make_device: Callable[..., Device], list_sink: ListSink
 ) -> None:
     dev = make_device()
     tracer = Tracer(dev, list_sink)
@@ -158,7 +160,7 @@ async def test_emit_records_layer_events_and_checks_its_arguments(
 
 @pytest.mark.asyncio
 async def test_a_second_tracer_is_refused_and_the_first_keeps_its_hooks(
-    make_device: Callable[..., FakeDevice],
+    make_device: Callable[..., Device],
 ) -> None:
     dev = make_device()
     first = Tracer(dev)
