@@ -16,6 +16,7 @@ from .errors import (
     OutOfDeviceMemory,
     TensorFreedError,
 )
+from .hw import DeviceConfig, build_device
 from .lang import kernel
 from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
@@ -30,6 +31,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "DeadlockError",
+    "DeviceConfig",
     "DeviceError",
     "Inbox",
     "InboxFull",
@@ -48,6 +50,7 @@ __all__ = [
     "TensorFreedError",
     "TraceError",
     "__version__",
+    "build_device",
     "fail_after",
     "format_time",
     "kernel",
