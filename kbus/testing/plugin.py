@@ -30,7 +30,9 @@ plugins see the fixture) decides per test:
   scope is the *test's* loop scope, so both run on one loop in strict and auto
   mode alike;
 * the test uses ``anyio_backend``: leave the fixture unmarked; anyio's plugin
-  runs it in its runner, on the test's backend (uvloop included);
+  runs it in its runner, on the test's backend (uvloop included). kbus needs
+  an asyncio loop, so on anyio's trio backend the setup fails at once with a
+  message saying so, instead of an obscure "no running event loop";
 * neither: fail with a message saying how to mark the test.
 
 ``kbus`` is imported lazily inside the fixtures, not at plugin load, so that
@@ -223,6 +225,26 @@ def _unsupported(item: pytest.Item, argname: str) -> Callable[..., Any]:
     return fail
 
 
+def _not_asyncio(item: pytest.Item, argname: str, backend: str) -> Callable[..., Any]:
+    """A stand-in fixture function for a test anyio runs on a backend other than asyncio."""
+    message = (
+        f"{item.nodeid}: the kbus fixture {argname!r} needs an asyncio event loop, but anyio runs this test "
+        f"on {backend!r}. kbus's engine runs on asyncio (the default loop or uvloop): give the test "
+        "anyio_backend 'asyncio' (or ('asyncio', {'use_uvloop': True}))"
+    )
+
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail(message, pytrace=False)
+
+    return fail
+
+
+def _anyio_backend_name(request: pytest.FixtureRequest) -> str:
+    backend = request.getfixturevalue("anyio_backend")
+    name = backend if isinstance(backend, str) else backend[0]
+    return str(name)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
@@ -236,7 +258,10 @@ def pytest_fixture_setup(
     if pytest_asyncio is not None and pytest_asyncio.is_async_test(item):
         replacement = _clone(func, _loop_scope(item))
     elif "anyio_backend" in item.fixturenames and inspect.iscoroutinefunction(getattr(item, "obj", None)):
-        replacement = _clone(func, None)  # unmarked: pytest-asyncio leaves it to anyio's plugin
+        backend = _anyio_backend_name(request)
+        # Unmarked, pytest-asyncio leaves the fixture to anyio's plugin; other backends cannot run kbus.
+        asyncio_ok = backend == "asyncio"
+        replacement = _clone(func, None) if asyncio_ok else _not_asyncio(item, fixturedef.argname, backend)
     else:
         replacement = _unsupported(item, fixturedef.argname)
     # Swapped for this setup only, the way pytest-asyncio swaps in its own runner.
