@@ -20,14 +20,13 @@ blocks until the inbox takes it: backpressure in virtual time.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .units import S, format_bandwidth, format_time
 
 if TYPE_CHECKING:
-    from .engine import Sim
+    from .engine import Sim, Waiter
     from .inbox import Inbox
 
 __all__ = ["Link"]
@@ -69,7 +68,7 @@ class Link:
         self.bandwidth = bandwidth
         self._free_at = 0
         self._inflight: deque[tuple[int, Any, Inbox[Any]]] = deque()
-        self._stall_waiters: deque[asyncio.Future[None]] = deque()
+        self._stall_waiters: deque[Waiter] = deque()
         self.stalled_on: str | None = None
         self.messages = 0
         self.bytes = 0
@@ -99,10 +98,15 @@ class Link:
         """Wait out any stall, take the link for ``nbytes`` and return the delivery time."""
         sim = self._sim
         while self.stalled_on is not None:
-            fut: asyncio.Future[None] = sim._loop_bound().create_future()
-            self._stall_waiters.append(fut)
-            await sim._block_on(fut, "link", self)
-        now = sim._now
+            w = sim.waiter()
+            self._stall_waiters.append(w)
+            try:
+                await sim.park(w, self)
+            except BaseException:
+                if not w.woken:
+                    self._stall_waiters.remove(w)
+                raise
+        now = sim.now
         done = self._book(now, nbytes)
         if done > now:
             await sim.sleep(done - now)
@@ -131,11 +135,11 @@ class Link:
         if inbox.transform is not None:
             msg = inbox.transform(msg)
         sim = self._sim
-        t0 = sim._now
+        t0 = sim.now
         deliver = await self._reserve(nbytes)
         if self.on_send is not None:
             self.on_send(self, msg, nbytes, t0, deliver)
-        if deliver <= sim._now and not self._inflight and self.stalled_on is None:
+        if deliver <= sim.now and not self._inflight and self.stalled_on is None:
             if not inbox.offer(msg):
                 self._stall(msg, inbox)
             return
@@ -151,12 +155,12 @@ class Link:
         if nbytes < 0:
             raise ValueError(f"link {self.name!r}: nbytes must be >= 0, got {nbytes}")
         sim = self._sim
-        t0 = sim._now
+        t0 = sim.now
         deliver = await self._reserve(nbytes)
         if self.on_send is not None:
             self.on_send(self, None, nbytes, t0, deliver)
-        if deliver > sim._now:
-            await sim.sleep(deliver - sim._now)
+        if deliver > sim.now:
+            await sim.sleep(deliver - sim.now)
         return deliver
 
     def reserve(self, at: int, nbytes: int) -> int:
@@ -174,25 +178,27 @@ class Link:
 
     def _deliver(self) -> None:
         inflight = self._inflight
-        now = self._sim._now
+        now = self._sim.now
         while inflight and self.stalled_on is None and inflight[0][0] <= now:
             _, msg, inbox = inflight.popleft()
             if not inbox.offer(msg):
                 self._stall(msg, inbox)
 
+    def describe_wait(self) -> str:
+        """What a sender held by this link's stall waits for (the deadlock report's words)."""
+        return f"stalled link {self.name!r} (its inbox {self.stalled_on!r} is full)"
+
     def _stall(self, msg: Any, inbox: Inbox[Any]) -> None:
+        # The inbox reports the held message itself while it waits (Inbox.put_later).
         self.stalled_on = inbox.name
-        self._sim._stalled_links[self] = None
         inbox.put_later(msg, self._unstall)
 
     def _unstall(self) -> None:
         self.stalled_on = None
-        self._sim._stalled_links.pop(self, None)
         waiters = self._stall_waiters
+        wake = self._sim.wake
         while waiters:
-            w = waiters.popleft()
-            if not w.done():
-                self._sim._wake(w, None)
+            wake(waiters.popleft())
         self._deliver()
 
     def __repr__(self) -> str:
