@@ -401,15 +401,15 @@ class Sim:
         self._tasks: dict[SimTask[Any], None] = {}
         self._regular = 0
         self._current: SimTask[Any] | None = None
-        self._foreign = 0
-        self._host_tokens = 0
+        # Foreign waits of simulated tasks plus host wake-ups not yet resumed: time stands still while > 0.
+        self._held = 0
         self._host_waits: dict[HostWaiter, None] = {}
         self._run_waiters: list[Any] = []
         self._report_sources: dict[ReportSource, None] = {}
         self._scheduled = False
         self._driving = False
-        self._budget = 0
-        self._steps = 0  # steps ever taken; the watchdog reads it from its thread
+        self._budget = 0  # steps left in this burst; (bursts, budget) changes with every step
+        self._bursts = 0
         self._stuck: tuple[str, float] | None = None  # set by the watchdog thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx = contextvars.copy_context()
@@ -431,7 +431,7 @@ class Sim:
 
         Time can move only while this is zero.
         """
-        return len(self._ready) + self._foreign + self._host_tokens + (self._current is not None)
+        return len(self._ready) + self._held + (self._current is not None)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -493,8 +493,7 @@ class Sim:
         timers = self._timers
         if (
             not self._ready
-            and not self._foreign
-            and not self._host_tokens
+            and not self._held
             and (not timers or timers[0][0] > when)
             and self._budget > 0
             and not task._must_cancel
@@ -511,9 +510,9 @@ class Sim:
         seq = next(self._seq)
         heappush(timers, (when, seq, task))
         task._timer = seq
-        # The wait contract (Sim.park) inlined for the simulated path.
+        # The wait contract (Sim.park) inlined for the simulated path; nothing reads
+        # ``woken`` after a sleep, so it is left alone.
         task.reason = when
-        task.woken = False
         yield PARKED
 
     def call_at(self, when: int, fn: Callable[..., object], *args: Any) -> _Call:
@@ -668,7 +667,7 @@ class Sim:
         if waiter.fut.done():
             return False
         waiter.fut.set_result(value)
-        self._host_tokens += 1
+        self._held += 1
         return True
 
     def wake_error(self, waiter: Waiter, exc: BaseException) -> bool:
@@ -687,7 +686,7 @@ class Sim:
         if waiter.fut.done():
             return False
         waiter.fut.set_exception(exc)
-        self._host_tokens += 1
+        self._held += 1
         return True
 
     def hold(self) -> None:
@@ -696,12 +695,12 @@ class Sim:
         Used when a timer callback cancels a host task (a deadline): the task
         must observe the deadline before time moves on.
         """
-        self._host_tokens += 1
+        self._held += 1
 
     def release(self) -> None:
         """Give back a token taken by :meth:`hold` (or by waking a host waiter)."""
-        self._host_tokens -= 1
-        if self._host_tokens == 0:
+        self._held -= 1
+        if self._held == 0:
             self._schedule()
 
     def add_report_source(self, source: ReportSource) -> None:
@@ -730,32 +729,104 @@ class Sim:
             (self._loop or self._bind()).call_soon(self._drive, context=self._ctx)
 
     def _drive(self) -> None:
-        """Run a burst: step ready tasks, move time when nothing is ready, stop at the budget."""
+        """Run a burst: step ready tasks, move time when nothing is ready, stop at the budget.
+
+        The step (``coro.send``) and the advance (popping the timers due at the
+        earliest deadline) are inlined here: they are the whole cost of a
+        simulated event, and a method call each would add a third to it.
+        """
         self._scheduled = False
         if self._driving:  # pragma: no cover - the loop never nests callbacks
             return
         self._driving = True
+        self._bursts += 1
         self._budget = self.step_budget
         ready = self._ready
+        popleft = ready.popleft
+        timers = self._timers
         try:
             while True:
                 while ready:
                     if self._budget <= 0:
                         return  # the finally clause reschedules
                     self._budget -= 1
-                    task = ready.popleft()
-                    self._step(task)
-                if self._foreign or self._host_tokens or not self._timers:
-                    if not self._foreign and not self._host_tokens:
-                        self._check_deadlock()
+                    task = popleft()
+                    self._current = task
+                    exc = task._throw
+                    try:
+                        if exc is None:
+                            value = task._value
+                            if value is not None:
+                                task._value = None
+                            yielded = task._ctx.run(task._send, value)
+                        else:
+                            # The value stays readable while the exception is thrown: a cancelled
+                            # getter gives back the message it had been handed (Sim.park, rule 4).
+                            task._throw = None
+                            yielded = task._ctx.run(task._throw_fn, exc)
+                            task._value = None
+                    except StopIteration as stop:
+                        self._current = None
+                        task._value = None
+                        self._finish(task, stop.value, None)
+                        continue
+                    except BaseException as err:  # every outcome is recorded on the handle
+                        self._current = None
+                        task._value = None
+                        self._finish(task, None, err)
+                        continue
+                    self._current = None
+                    if yielded is not PARKED:
+                        self._foreign_wait(task, yielded)
+                    elif task._must_cancel:
+                        task._must_cancel = False
+                        self._cancel_task(task, None)
+                # Nothing is ready: time may move if nothing outside the engine is pending.
+                if self._held:
+                    return
+                if not timers:
+                    self._check_deadlock()
                     return
                 if self._budget <= 0:
                     return
                 self._budget -= 1
-                self._advance()
+                when = timers[0][0]
+                fired = False
+                while timers and timers[0][0] == when:
+                    _, seq, target = heappop(timers)
+                    kind = type(target)
+                    if kind is SimTask:
+                        if target._timer != seq:
+                            continue  # withdrawn (cancelled) sleep
+                        target._timer = -1
+                        target.reason = None
+                        ready.append(target)
+                    elif kind is _Call:
+                        if target.cancelled:
+                            continue
+                        if not fired:
+                            fired = True
+                            if when != self._now:
+                                self._now = when
+                                self.advances += 1
+                        try:
+                            target.fn(*target.args)
+                        except Exception as cb_exc:  # a broken callback must not stop the clock
+                            self._callback_failed(target, cb_exc)
+                        continue
+                    elif target.fut.done():  # a host sleeper that was cancelled
+                        continue
+                    else:
+                        target.fut.set_result(None)
+                        self._held += 1
+                    if not fired:
+                        fired = True
+                        if when != self._now:
+                            self._now = when
+                            self.advances += 1
         finally:
             self._driving = False
-            if (ready or (self._timers and not self._foreign and not self._host_tokens)) and not self._scheduled:
+            if (ready or (timers and not self._held)) and not self._scheduled:
                 self._scheduled = True
                 (self._loop or self._bind()).call_soon(self._drive, context=self._ctx)
             stuck = self._stuck
@@ -768,40 +839,6 @@ class Sim:
                     RuntimeWarning,
                     stacklevel=1,
                 )
-
-    def _step(self, task: SimTask[Any]) -> None:
-        """Resume ``task`` once, until it parks, waits on something foreign, or ends."""
-        exc = task._throw
-        self._current = task
-        self._steps += 1
-        try:
-            if exc is None:
-                value = task._value
-                task._value = None
-                yielded = task._ctx.run(task._send, value)
-            else:
-                # The value stays readable while the exception is thrown: a cancelled
-                # getter gives back the message it had been handed (Sim.park, rule 4).
-                task._throw = None
-                yielded = task._ctx.run(task._throw_fn, exc)
-                task._value = None
-        except StopIteration as stop:
-            self._current = None
-            task._value = None
-            self._finish(task, stop.value, None)
-            return
-        except BaseException as err:
-            self._current = None
-            task._value = None
-            self._finish(task, None, err)
-            return
-        self._current = None
-        if yielded is PARKED:
-            if task._must_cancel:
-                task._must_cancel = False
-                self._cancel_task(task, None)
-            return
-        self._foreign_wait(task, yielded)
 
     def _foreign_wait(self, task: SimTask[Any], yielded: Any) -> None:
         """The task awaits something outside the engine: resume it when that is done; time stays still."""
@@ -823,10 +860,10 @@ class Sim:
                 self._ready.append(task)
                 return
             task._foreign = yielded
-            self._foreign += 1
+            self._held += 1
             yielded.add_done_callback(self._foreign_done_cb(task))
         elif yielded is None:  # a bare yield (asyncio.sleep(0)): one loop pass
-            self._foreign += 1
+            self._held += 1
             task._foreign = loop.call_soon(self._foreign_resume, task, context=self._ctx)
         else:
             task._throw = RuntimeError(
@@ -847,7 +884,7 @@ class Sim:
 
     def _foreign_resume(self, task: SimTask[Any]) -> None:
         task._foreign = None
-        self._foreign -= 1
+        self._held -= 1
         self._ready.append(task)
         self._schedule()
 
@@ -866,7 +903,7 @@ class Sim:
             self._schedule()
         elif task._foreign is not None:  # waiting on something foreign
             foreign, task._foreign = task._foreign, None
-            self._foreign -= 1
+            self._held -= 1
             foreign.cancel()  # a future's cancellation tells its owner; a loop handle just won't run
             task._throw = exc
             self._ready.append(task)
@@ -907,43 +944,6 @@ class Sim:
         exc, self._failure = self._failure, None
         if exc is not None:
             raise exc
-
-    def _advance(self) -> None:
-        """Fire every live timer due at the earliest deadline, moving ``now`` to it."""
-        timers = self._timers
-        while timers:
-            when = timers[0][0]
-            fired = False
-            while timers and timers[0][0] == when:
-                _, seq, target = heappop(timers)
-                kind = type(target)
-                if kind is SimTask:
-                    if target._timer != seq:
-                        continue  # withdrawn (cancelled) sleep
-                    target._timer = -1
-                    target.reason = None
-                    target.woken = True
-                    self._ready.append(target)
-                elif kind is _Call:
-                    if target.cancelled:
-                        continue
-                    if when != self._now:
-                        self._now = when
-                        self.advances += 1
-                    fired = True
-                    try:
-                        target.fn(*target.args)
-                    except Exception as exc:  # a broken callback must not stop the clock
-                        self._callback_failed(target, exc)
-                    continue
-                elif not self.wake(target):  # a host sleeper
-                    continue
-                if when != self._now:
-                    self._now = when
-                    self.advances += 1
-                fired = True
-            if fired:
-                return
 
     def _callback_failed(self, call: _Call, exc: Exception) -> None:
         """Report a timer callback's exception to sim.run() and every host waiter."""
@@ -1011,7 +1011,7 @@ class _Watchdog:
 
     @classmethod
     def _run(cls) -> None:
-        seen: weakref.WeakKeyDictionary[Sim, tuple[int, float]] = weakref.WeakKeyDictionary()
+        seen: weakref.WeakKeyDictionary[Sim, tuple[tuple[int, int], float]] = weakref.WeakKeyDictionary()
         while True:
             time.sleep(cls.interval)
             now = time.monotonic()
@@ -1019,7 +1019,7 @@ class _Watchdog:
                 sims = list(cls._sims)
             for sim in sims:
                 task = sim._current
-                steps = sim._steps
+                steps = (sim._bursts, sim._budget)
                 if task is None:
                     seen.pop(sim, None)
                     continue

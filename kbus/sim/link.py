@@ -94,8 +94,8 @@ class Link:
         """Virtual time at which the link finishes its current occupancy."""
         return self._free_at
 
-    async def _reserve(self, nbytes: int) -> int:
-        """Wait out any stall, take the link for ``nbytes`` and return the delivery time."""
+    async def _wait_stall(self) -> None:
+        """Hold the sender while the link's head message waits at a full inbox (backpressure)."""
         sim = self._sim
         while self.stalled_on is not None:
             w = sim.waiter()
@@ -106,11 +106,6 @@ class Link:
                 if not w.woken:
                     self._stall_waiters.remove(w)
                 raise
-        now = sim.now
-        done = self._book(now, nbytes)
-        if done > now:
-            await sim.sleep(done - now)
-        return done + self.latency
 
     def _book(self, at: int, nbytes: int) -> int:
         """Occupy the link for ``nbytes`` from ``max(at, free_at)``; return when serialization ends."""
@@ -136,7 +131,13 @@ class Link:
             msg = inbox.transform(msg)
         sim = self._sim
         t0 = sim.now
-        deliver = await self._reserve(nbytes)
+        if self.stalled_on is not None:
+            await self._wait_stall()
+        now = sim.now
+        done = self._book(now, nbytes)
+        if done > now:
+            await sim.sleep(done - now)
+        deliver = done + self.latency
         if self.on_send is not None:
             self.on_send(self, msg, nbytes, t0, deliver)
         if deliver <= sim.now and not self._inflight and self.stalled_on is None:
@@ -156,7 +157,13 @@ class Link:
             raise ValueError(f"link {self.name!r}: nbytes must be >= 0, got {nbytes}")
         sim = self._sim
         t0 = sim.now
-        deliver = await self._reserve(nbytes)
+        if self.stalled_on is not None:
+            await self._wait_stall()
+        now = sim.now
+        done = self._book(now, nbytes)
+        if done > now:
+            await sim.sleep(done - now)
+        deliver = done + self.latency
         if self.on_send is not None:
             self.on_send(self, None, nbytes, t0, deliver)
         if deliver > sim.now:
