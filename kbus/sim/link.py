@@ -36,6 +36,7 @@ class Link:
     """A point-to-point hop with ``latency`` (ps) and ``bandwidth`` (bytes/s or None for infinite)."""
 
     __slots__ = (
+        "_deliver_cb",
         "_free_at",
         "_inflight",
         "_sim",
@@ -68,6 +69,7 @@ class Link:
         self.bandwidth = bandwidth
         self._free_at = 0
         self._inflight: deque[tuple[int, Any, Inbox[Any]]] = deque()
+        self._deliver_cb = self._deliver  # one bound method, not one per message
         self._stall_waiters: deque[Waiter] = deque()
         self.stalled_on: str | None = None
         self.messages = 0
@@ -130,22 +132,37 @@ class Link:
         if inbox.transform is not None:
             msg = inbox.transform(msg)
         sim = self._sim
-        t0 = sim.now
+        now = t0 = sim.now
         if self.stalled_on is not None:
             await self._wait_stall()
-        now = sim.now
-        done = self._book(now, nbytes)
+            now = sim.now
+        # _book and serialization inlined: this is every block's hottest path.
+        free = self._free_at
+        start = free if free > now else now
+        bw = self.bandwidth
+        if bw is None or nbytes <= 0:
+            ser = 0
+        elif type(bw) is int:
+            ser = -(-nbytes * S // bw)
+        else:
+            ser = int(-(-nbytes * S // bw))
+        done = start + ser
+        self._free_at = done
+        self.messages += 1
+        self.bytes += nbytes
+        self.busy_ps += ser
         if done > now:
             await sim.sleep(done - now)
+            now = done  # a sleep resumes exactly at its deadline
         deliver = done + self.latency
         if self.on_send is not None:
             self.on_send(self, msg, nbytes, t0, deliver)
-        if deliver <= sim.now and not self._inflight and self.stalled_on is None:
+        if deliver <= now and not self._inflight and self.stalled_on is None:
             if not inbox.offer(msg):
                 self._stall(msg, inbox)
             return
         self._inflight.append((deliver, msg, inbox))
-        sim.call_at(deliver, self._deliver)
+        sim.call_at(deliver, self._deliver_cb)
 
     async def carry(self, nbytes: int) -> int:
         """Move ``nbytes`` of bulk data across the link; return the arrival time (ps).
