@@ -74,7 +74,7 @@ from .units import format_time
 
 T = TypeVar("T")
 
-__all__ = ["PARKED", "HostWaiter", "ReportSource", "Sim", "SimFuture", "SimTask", "Waiter"]
+__all__ = ["PARKED", "HostWaiter", "ReportSource", "Sim", "SimFuture", "SimTask", "TimerHandle", "Waiter"]
 
 
 class _Parked:
@@ -96,19 +96,24 @@ class ReportSource(Protocol):
     def blocked_lines(self) -> Iterable[str]: ...
 
 
-class _Call:
-    """A timer entry that runs a plain callback; cancelled entries stay in the heap until popped."""
+class TimerHandle(list[Any]):
+    """What :meth:`Sim.call_at` returns: ``[fn, args]``, and ``cancel()`` to withdraw it.
 
-    __slots__ = ("args", "cancelled", "fn")
+    A list so that booking a timer costs no Python-level ``__init__`` (a
+    network model arms one per flow and re-arms it whenever rates change).
+    Cancelling clears ``fn``; the entry stays in the heap until its time and
+    is then skipped (lazy deletion).
+    """
 
-    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        self.cancelled = False
+    __slots__ = ()
 
     def cancel(self) -> None:
-        """Withdraw the callback (lazy deletion: it costs nothing more than the flag)."""
-        self.cancelled = True
+        """Withdraw the callback; harmless if it already ran or was cancelled."""
+        self[0] = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self[0] is None
 
 
 class HostWaiter:
@@ -360,7 +365,7 @@ class SimFuture(Generic[T]):
         return f"<SimFuture {self.name!r} {'done' if self._done else 'pending'}>"
 
 
-Waiter: TypeAlias = "SimTask[Any] | HostWaiter"
+Waiter: TypeAlias = SimTask[Any] | HostWaiter
 """What :meth:`Sim.waiter` returns: the running simulated task, or a fresh :class:`HostWaiter`."""
 
 
@@ -515,7 +520,7 @@ class Sim:
         task.reason = when
         yield PARKED
 
-    def call_at(self, when: int, fn: Callable[..., object], *args: Any) -> _Call:
+    def call_at(self, when: int, fn: Callable[..., object], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` when virtual time reaches ``when`` (ps); returns a handle with ``cancel()``.
 
         Callbacks run inside the driver's advance step, in insertion order
@@ -526,7 +531,7 @@ class Sim:
         """
         if when < self._now:
             raise ValueError(f"call_at({when}): time {format_time(when)} is in the past (now {format_time(self._now)})")
-        call = _Call(fn, args)
+        call = TimerHandle((fn, args))
         heappush(self._timers, (when, next(self._seq), call))
         if not self._scheduled and not self._driving:
             self._schedule()
@@ -801,18 +806,19 @@ class Sim:
                         target._timer = -1
                         target.reason = None
                         ready.append(target)
-                    elif kind is _Call:
-                        if target.cancelled:
-                            continue
+                    elif kind is TimerHandle:
+                        fn = target[0]
+                        if fn is None:
+                            continue  # cancelled
                         if not fired:
                             fired = True
                             if when != self._now:
                                 self._now = when
                                 self.advances += 1
                         try:
-                            target.fn(*target.args)
+                            fn(*target[1])
                         except Exception as cb_exc:  # a broken callback must not stop the clock
-                            self._callback_failed(target, cb_exc)
+                            self._callback_failed(fn, cb_exc)
                         continue
                     elif target.fut.done():  # a host sleeper that was cancelled
                         continue
@@ -945,9 +951,9 @@ class Sim:
         if exc is not None:
             raise exc
 
-    def _callback_failed(self, call: _Call, exc: Exception) -> None:
+    def _callback_failed(self, fn: Callable[..., object], exc: Exception) -> None:
         """Report a timer callback's exception to sim.run() and every host waiter."""
-        name = getattr(call.fn, "__qualname__", repr(call.fn))
+        name = getattr(fn, "__qualname__", repr(fn))
         exc.add_note(f"raised in timer callback {name!r} at {format_time(self._now)}")
         if self._failure is None:
             self._failure = exc

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .engine import PARKED, SimTask
+
 if TYPE_CHECKING:
     from .engine import Sim, Waiter
 
@@ -211,7 +213,13 @@ class Inbox(Generic[M]):
         w = sim.waiter()
         self._getters.append(w)
         try:
-            got: M = yield from sim.park(w, self._empty_wait)
+            if type(w) is SimTask:
+                # Sim.park inlined for a simulated task (every idle block waits here).
+                w.reason = self._empty_wait
+                w.woken = False
+                got: M = yield PARKED
+            else:
+                got = yield from sim.park(w, self._empty_wait)
         except BaseException:
             if w.woken:
                 # A message was handed to us just before the cancellation: keep it.

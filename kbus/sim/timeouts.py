@@ -44,7 +44,7 @@ import enum
 from types import TracebackType
 from typing import Any, Protocol
 
-from .engine import Sim, SimTask, _Call
+from .engine import Sim, SimTask, TimerHandle
 from .units import format_time, parse_time
 
 __all__ = ["TimeoutScope", "fail_after", "move_on_after"]
@@ -135,7 +135,7 @@ class TimeoutScope:
         self._delay = _delay_ps(delay, who)
         self._raise = raise_on_expiry
         self._state = _State.CREATED
-        self._call: _Call | None = None
+        self._call: TimerHandle | None = None
         self._task: asyncio.Task[Any] | SimTask[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancelling = 0
