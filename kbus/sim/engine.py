@@ -30,6 +30,14 @@ tasks, timers and streams are never starved. The budget only decides *when*
 the loop gets a turn, never the order of simulated events, so it cannot change
 virtual time.
 
+Inside a simulated task ``asyncio.current_task()`` is None (the driver is a
+callback, not a task), so ``asyncio.timeout`` and anyio cancel scopes refuse
+to run there rather than cancel the wrong thing; :meth:`Sim.current_task`
+names the task, and :meth:`SimTask.cancel` and ``kbus.fail_after`` target it.
+Each task runs in its own copy of its spawner's ``contextvars`` context. A
+step cannot be interrupted; a watchdog thread notices one that holds the
+loop for :attr:`Sim.watchdog_seconds` and the driver warns, naming the task.
+
 Host tasks
 ----------
 A host task (a script, a test, a request from a server) stays an ordinary

@@ -246,7 +246,7 @@ class Inbox(Generic[M]):
         for w, msg, on_admit in self._putters:
             if w is None:
                 lines.append(
-                    f"{_owner(on_admit)} holds a {type(msg).__name__} for full inbox {self.name!r} "
+                    f"{_owner(on_admit)} holds a message ({type(msg).__name__}) for full inbox {self.name!r} "
                     f"({len(self._items)}/{self.capacity})"
                 )
         return lines

@@ -192,7 +192,7 @@ async def test_deadlock_report_lists_messages_left_by_put_later() -> None:
     with pytest.raises(DeadlockError) as info:
         await asyncio.wait_for(sim.run(), timeout=5)
     lines = info.value.blocked
-    assert "link 'wire' holds a int for full inbox 'sink' (1/1)" in lines
+    assert "link 'wire' holds a message (int) for full inbox 'sink' (1/1)" in lines
     assert "task 'sender' waits on stalled link 'wire' (its inbox 'sink' is full)" in lines
     assert sink.get_nowait() == 0 and sink.get_nowait() == 1  # the held message entered when a slot freed
     assert "holds" not in "\n".join(sim.blocked())
