@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import itertools
 import threading
@@ -200,9 +201,11 @@ class SimTask(Generic[T]):
         self.name = name
         self.daemon = daemon
         self._coro = coro
-        self._send = coro.send
-        self._throw_fn = coro.throw
         self._ctx = contextvars.copy_context()
+        # Bound once: a step is one C-level call, in the task's own context.
+        run: Any = self._ctx.run
+        self._send: Callable[[Any], Any] = functools.partial(run, coro.send)
+        self._throw_fn: Callable[[BaseException], Any] = functools.partial(run, coro.throw)
         self._value: Any = None
         self._throw: BaseException | None = None
         self._timer = -1  # sequence number of the live sleep entry in the timer heap, else -1
@@ -771,12 +774,12 @@ class Sim:
                             value = task._value
                             if value is not None:
                                 task._value = None
-                            yielded = task._ctx.run(task._send, value)
+                            yielded = task._send(value)
                         else:
                             # The value stays readable while the exception is thrown: a cancelled
                             # getter gives back the message it had been handed (Sim.park, rule 4).
                             task._throw = None
-                            yielded = task._ctx.run(task._throw_fn, exc)
+                            yielded = task._throw_fn(exc)
                             task._value = None
                     except StopIteration as stop:
                         self._current = None
