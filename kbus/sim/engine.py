@@ -405,7 +405,7 @@ class Sim:
     step_budget = 2000
     """Steps (and timer advances) per loop callback before the driver yields to the loop."""
 
-    watchdog_seconds = 1.0
+    watchdog_seconds = 2.0
     """Wall-clock seconds one step may hold the loop before a ``RuntimeWarning`` names the task."""
 
     def __init__(self, name: str = "sim") -> None:
