@@ -83,6 +83,11 @@ from .units import format_time
 
 T = TypeVar("T")
 
+try:  # Python 3.12+: a C function
+    from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
+except ImportError:  # Python 3.11: asyncio.current_task() is Python; read its table directly
+    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
 __all__ = ["PARKED", "HostWaiter", "ReportSource", "Sim", "SimFuture", "SimTask", "TimerHandle", "Waiter"]
 
 
@@ -622,7 +627,7 @@ class Sim:
         if task is not None:
             return task
         loop = self._loop or self._bind()
-        return HostWaiter(loop.create_future(), asyncio.current_task(loop))
+        return HostWaiter(loop.create_future(), _current_task(loop))
 
     @types.coroutine
     def park(self, waiter: Waiter, reason: object) -> Generator[Any, Any, Any]:
