@@ -285,8 +285,6 @@ class SimTask(Generic[T]):
     def exception(self) -> BaseException | None:
         if not self._done:
             raise asyncio.InvalidStateError(f"simulated task {self.name!r} has not finished")
-        if self._cancelled:
-            raise asyncio.CancelledError(f"simulated task {self.name!r} was cancelled")
         return self._exception
 
     def __await__(self) -> Generator[Any, Any, T]:
