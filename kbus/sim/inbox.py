@@ -3,19 +3,28 @@
 An inbox carries message objects (immutable attrs values), never bytes. It
 hands a message straight to a waiting getter, and a getter that frees a slot
 admits the oldest waiting putter, so order is FIFO on both sides without retry
-loops. Blocking happens in virtual time through the engine, which is what makes
-backpressure visible in simulated latency and deadlocks detectable.
+loops. Blocking happens in virtual time through the engine's wait contract
+(:meth:`Sim.park` / :meth:`Sim.wake`), which is what makes backpressure visible
+in simulated latency and deadlocks detectable.
+
+Its waits describe themselves ("empty inbox 'x'", "full inbox 'x' (4/4)"),
+and while messages offered with :meth:`Inbox.put_later` wait to enter, the
+inbox adds a line per message to the deadlock report, so a link or a network
+model that leaves them there needs no engine registration of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import types
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .engine import PARKED, SimTask
+
 if TYPE_CHECKING:
-    from .engine import Sim
+    from .engine import Sim, Waiter
 
 M = TypeVar("M")
 
@@ -24,6 +33,22 @@ __all__ = ["Inbox", "InboxFull"]
 
 class InboxFull(Exception):
     """Raised by :meth:`Inbox.put_nowait` when the inbox is at capacity."""
+
+
+class _InboxWait:
+    """What a task parked on an inbox waits for (one per inbox and direction, made once)."""
+
+    __slots__ = ("full", "inbox")
+
+    def __init__(self, inbox: Inbox[Any], full: bool) -> None:
+        self.inbox = inbox
+        self.full = full
+
+    def describe_wait(self) -> str:
+        box = self.inbox
+        if self.full:
+            return f"full inbox {box.name!r} ({box.qsize()}/{box.capacity})"
+        return f"empty inbox {box.name!r}"
 
 
 class Inbox(Generic[M]):
@@ -37,9 +62,13 @@ class Inbox(Generic[M]):
     """
 
     __slots__ = (
+        "__weakref__",
         "_accepts",
+        "_empty_wait",
+        "_full_wait",
         "_getters",
         "_items",
+        "_later",
         "_putters",
         "_sim",
         "capacity",
@@ -71,9 +100,12 @@ class Inbox(Generic[M]):
         self.name = name
         self.transform = transform
         self._items: deque[M] = deque()
-        self._getters: deque[asyncio.Future[M]] = deque()
-        # Waiting putters: (future of a blocked task or None, message, callback or None).
-        self._putters: deque[tuple[asyncio.Future[None] | None, M, Callable[[], object] | None]] = deque()
+        self._getters: deque[Waiter] = deque()
+        # Waiting putters, oldest first: (waiter of a blocked task or None, message, on_admit or None).
+        self._putters: deque[tuple[Waiter | None, M, Callable[[], object] | None]] = deque()
+        self._later = 0  # how many of the putters came through put_later
+        self._empty_wait = _InboxWait(self, full=False)
+        self._full_wait = _InboxWait(self, full=True)
         self.max_depth = 0
         self.received = 0
         self.on_depth: Callable[[Inbox[Any], int], object] | None = None
@@ -108,11 +140,8 @@ class Inbox(Generic[M]):
         """
         getters = self._getters
         while getters:
-            g = getters.popleft()
-            if not g.done():
+            if self._sim.wake(getters.popleft(), msg):
                 self.received += 1
-                g.set_result(msg)  # Sim._wake, inlined on the hottest path
-                self._sim._runnable += 1
                 return True
         items = self._items
         if len(items) < self.capacity:
@@ -134,7 +163,8 @@ class Inbox(Generic[M]):
         if not self.offer(msg):
             raise InboxFull(f"inbox {self.name!r} is full ({self.capacity} messages)")
 
-    async def put(self, msg: M) -> None:
+    @types.coroutine
+    def put(self, msg: M) -> Generator[Any, Any, None]:
         """Enqueue, blocking in virtual time while the inbox is full.
 
         If the putting task is cancelled after its message was admitted, the
@@ -146,23 +176,30 @@ class Inbox(Generic[M]):
         if self.offer(msg):
             return
         sim = self._sim
-        fut: asyncio.Future[None] = (sim._loop or sim._loop_bound()).create_future()
-        self._putters.append((fut, msg, None))
-        handle = sim._park(fut, "put", self)
+        w = sim.waiter()
+        entry = (w, msg, None)
+        self._putters.append(entry)
         try:
-            await fut
-        finally:
-            sim._unpark(handle, fut)
+            yield from sim.park(w, self._full_wait)
+        except BaseException:
+            if not w.woken:
+                self._putters.remove(entry)  # withdrawn before admission: the message never entered
+            raise
 
     def put_later(self, msg: M, on_admit: Callable[[], object]) -> None:
         """Queue ``msg`` behind the blocked putters and call ``on_admit`` when it is in.
 
         Used by links, which are not tasks: the link stalls until its message
-        is admitted (backpressure without a task per message).
+        is admitted (backpressure without a task per message). Until then the
+        message shows in the deadlock report, attributed to ``on_admit``'s owner.
         """
         self._putters.append((None, msg, on_admit))
+        self._later += 1
+        if self._later == 1:
+            self._sim.add_report_source(self)
 
-    async def get(self) -> M:
+    @types.coroutine
+    def get(self) -> Generator[Any, Any, M]:
         """Take the oldest message, blocking in virtual time while empty."""
         items = self._items
         if items:
@@ -173,18 +210,24 @@ class Inbox(Generic[M]):
                 self.on_depth(self, len(items))
             return msg
         sim = self._sim
-        fut: asyncio.Future[M] = (sim._loop or sim._loop_bound()).create_future()
-        self._getters.append(fut)
-        handle = sim._park(fut, "get", self)
+        w = sim.waiter()
+        self._getters.append(w)
         try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if type(w) is SimTask:
+                # Sim.park inlined for a simulated task (every idle block waits here).
+                w.reason = self._empty_wait
+                w.woken = False
+                got: M = yield PARKED
+            else:
+                got = yield from sim.park(w, self._empty_wait)
+        except BaseException:
+            if w.woken:
                 # A message was handed to us just before the cancellation: keep it.
-                self._give_back(fut.result())
+                self._give_back(w.value)
+            else:
+                self._getters.remove(w)
             raise
-        finally:
-            sim._unpark(handle, fut)
+        return got
 
     def get_nowait(self) -> M:
         """Take the oldest message or raise ``asyncio.QueueEmpty``."""
@@ -197,27 +240,39 @@ class Inbox(Generic[M]):
             self.on_depth(self, len(self._items))
         return msg
 
+    def blocked_lines(self) -> list[str]:
+        """One deadlock-report line per message waiting to enter through :meth:`put_later`."""
+        lines = []
+        for w, msg, on_admit in self._putters:
+            if w is None:
+                lines.append(
+                    f"{_owner(on_admit)} holds a message ({type(msg).__name__}) for full inbox {self.name!r} "
+                    f"({len(self._items)}/{self.capacity})"
+                )
+        return lines
+
     def _admit(self) -> None:
-        """A slot freed up: move the oldest live putter's message in."""
+        """A slot freed up: move the oldest putter's message in."""
         putters = self._putters
         while putters:
-            fut, msg, on_admit = putters.popleft()
-            if fut is not None and fut.done():
-                continue  # its task was cancelled before admission
+            w, msg, on_admit = putters.popleft()
+            if w is not None:
+                if not self._sim.wake(w):
+                    continue  # withdrawn (defensive: cancelled putters remove themselves)
+            else:
+                self._later -= 1
+                if self._later == 0:
+                    self._sim.discard_report_source(self)
             self._items.append(msg)
             self.received += 1
-            if fut is not None:
-                self._sim._wake(fut, None)
-            elif on_admit is not None:
+            if on_admit is not None:
                 on_admit()
             return
 
     def _give_back(self, msg: M) -> None:
         getters = self._getters
         while getters:
-            g = getters.popleft()
-            if not g.done():
-                self._sim._wake(g, msg)
+            if self._sim.wake(getters.popleft(), msg):
                 return
         self._items.appendleft(msg)
 
@@ -226,3 +281,12 @@ class Inbox(Generic[M]):
 
     def __repr__(self) -> str:
         return f"<Inbox {self.name!r} {len(self._items)}/{self.capacity}>"
+
+
+def _owner(on_admit: Callable[[], object] | None) -> str:
+    """Who left a message at the inbox: the owner of the callback (``link 'x'``), else the callback."""
+    owner = getattr(on_admit, "__self__", None)
+    name = getattr(owner, "name", None)
+    if owner is not None and isinstance(name, str):
+        return f"{type(owner).__name__.lower()} {name!r}"
+    return f"callback {getattr(on_admit, '__qualname__', repr(on_admit))}"

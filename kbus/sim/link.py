@@ -20,14 +20,13 @@ blocks until the inbox takes it: backpressure in virtual time.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .units import S, format_bandwidth, format_time
 
 if TYPE_CHECKING:
-    from .engine import Sim
+    from .engine import Sim, Waiter
     from .inbox import Inbox
 
 __all__ = ["Link"]
@@ -37,6 +36,7 @@ class Link:
     """A point-to-point hop with ``latency`` (ps) and ``bandwidth`` (bytes/s or None for infinite)."""
 
     __slots__ = (
+        "_deliver_cb",
         "_free_at",
         "_inflight",
         "_sim",
@@ -69,7 +69,8 @@ class Link:
         self.bandwidth = bandwidth
         self._free_at = 0
         self._inflight: deque[tuple[int, Any, Inbox[Any]]] = deque()
-        self._stall_waiters: deque[asyncio.Future[None]] = deque()
+        self._deliver_cb = self._deliver  # one bound method, not one per message
+        self._stall_waiters: deque[Waiter] = deque()
         self.stalled_on: str | None = None
         self.messages = 0
         self.bytes = 0
@@ -95,18 +96,18 @@ class Link:
         """Virtual time at which the link finishes its current occupancy."""
         return self._free_at
 
-    async def _reserve(self, nbytes: int) -> int:
-        """Wait out any stall, take the link for ``nbytes`` and return the delivery time."""
+    async def _wait_stall(self) -> None:
+        """Hold the sender while the link's head message waits at a full inbox (backpressure)."""
         sim = self._sim
         while self.stalled_on is not None:
-            fut: asyncio.Future[None] = sim._loop_bound().create_future()
-            self._stall_waiters.append(fut)
-            await sim._block_on(fut, "link", self)
-        now = sim._now
-        done = self._book(now, nbytes)
-        if done > now:
-            await sim.sleep(done - now)
-        return done + self.latency
+            w = sim.waiter()
+            self._stall_waiters.append(w)
+            try:
+                await sim.park(w, self)
+            except BaseException:
+                if not w.woken:
+                    self._stall_waiters.remove(w)
+                raise
 
     def _book(self, at: int, nbytes: int) -> int:
         """Occupy the link for ``nbytes`` from ``max(at, free_at)``; return when serialization ends."""
@@ -131,16 +132,37 @@ class Link:
         if inbox.transform is not None:
             msg = inbox.transform(msg)
         sim = self._sim
-        t0 = sim._now
-        deliver = await self._reserve(nbytes)
+        now = t0 = sim.now
+        if self.stalled_on is not None:
+            await self._wait_stall()
+            now = sim.now
+        # _book and serialization inlined: this is every block's hottest path.
+        free = self._free_at
+        start = free if free > now else now
+        bw = self.bandwidth
+        if bw is None or nbytes <= 0:
+            ser = 0
+        elif type(bw) is int:
+            ser = -(-nbytes * S // bw)
+        else:
+            ser = int(-(-nbytes * S // bw))
+        done = start + ser
+        self._free_at = done
+        self.messages += 1
+        self.bytes += nbytes
+        self.busy_ps += ser
+        if done > now:
+            await sim.sleep(done - now)
+            now = done  # a sleep resumes exactly at its deadline
+        deliver = done + self.latency
         if self.on_send is not None:
             self.on_send(self, msg, nbytes, t0, deliver)
-        if deliver <= sim._now and not self._inflight and self.stalled_on is None:
+        if deliver <= now and not self._inflight and self.stalled_on is None:
             if not inbox.offer(msg):
                 self._stall(msg, inbox)
             return
         self._inflight.append((deliver, msg, inbox))
-        sim.call_at(deliver, self._deliver)
+        sim.call_at(deliver, self._deliver_cb)
 
     async def carry(self, nbytes: int) -> int:
         """Move ``nbytes`` of bulk data across the link; return the arrival time (ps).
@@ -151,12 +173,18 @@ class Link:
         if nbytes < 0:
             raise ValueError(f"link {self.name!r}: nbytes must be >= 0, got {nbytes}")
         sim = self._sim
-        t0 = sim._now
-        deliver = await self._reserve(nbytes)
+        t0 = sim.now
+        if self.stalled_on is not None:
+            await self._wait_stall()
+        now = sim.now
+        done = self._book(now, nbytes)
+        if done > now:
+            await sim.sleep(done - now)
+        deliver = done + self.latency
         if self.on_send is not None:
             self.on_send(self, None, nbytes, t0, deliver)
-        if deliver > sim._now:
-            await sim.sleep(deliver - sim._now)
+        if deliver > sim.now:
+            await sim.sleep(deliver - sim.now)
         return deliver
 
     def reserve(self, at: int, nbytes: int) -> int:
@@ -174,25 +202,27 @@ class Link:
 
     def _deliver(self) -> None:
         inflight = self._inflight
-        now = self._sim._now
+        now = self._sim.now
         while inflight and self.stalled_on is None and inflight[0][0] <= now:
             _, msg, inbox = inflight.popleft()
             if not inbox.offer(msg):
                 self._stall(msg, inbox)
 
+    def describe_wait(self) -> str:
+        """What a sender held by this link's stall waits for (the deadlock report's words)."""
+        return f"stalled link {self.name!r} (its inbox {self.stalled_on!r} is full)"
+
     def _stall(self, msg: Any, inbox: Inbox[Any]) -> None:
+        # The inbox reports the held message itself while it waits (Inbox.put_later).
         self.stalled_on = inbox.name
-        self._sim._stalled_links[self] = None
         inbox.put_later(msg, self._unstall)
 
     def _unstall(self) -> None:
         self.stalled_on = None
-        self._sim._stalled_links.pop(self, None)
         waiters = self._stall_waiters
+        wake = self._sim.wake
         while waiters:
-            w = waiters.popleft()
-            if not w.done():
-                self._sim._wake(w, None)
+            wake(waiters.popleft())
         self._deliver()
 
     def __repr__(self) -> str:

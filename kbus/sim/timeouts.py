@@ -22,10 +22,12 @@ swallows it (``move_on_after``).
 The callback runs inside the engine's advance step. A host task is not counted
 by the engine while it waits, so without care the engine would keep advancing
 past the deadline before the cancelled task got to run. The scope therefore
-holds one runnable token from the expiry until the loop has run the cancelled
-task once, the same rule the engine applies to any host wake-up: the task
-observes ``sim.now`` equal to the deadline. A simulated task (``sim.spawn``)
-is cancelled through :meth:`SimTask.cancel`, which keeps the count for it.
+holds time still (:meth:`Sim.hold`) from the expiry until the loop has run the
+cancelled task once, the same rule the engine applies to any host wake-up: the
+task observes ``sim.now`` equal to the deadline. Inside a simulated task
+(``sim.spawn``), where ``asyncio.current_task()`` is None, the scope targets
+the :class:`SimTask` instead and cancels it with :meth:`SimTask.cancel`, which
+makes it ready at once.
 
 A deadline is a timer like any other, so while one is pending the engine will
 jump to it rather than report a deadlock: a request that can never complete
@@ -42,7 +44,7 @@ import enum
 from types import TracebackType
 from typing import Any, Protocol
 
-from .engine import Sim, _Call
+from .engine import Sim, SimTask, TimerHandle
 from .units import format_time, parse_time
 
 __all__ = ["TimeoutScope", "fail_after", "move_on_after"]
@@ -133,8 +135,8 @@ class TimeoutScope:
         self._delay = _delay_ps(delay, who)
         self._raise = raise_on_expiry
         self._state = _State.CREATED
-        self._call: _Call | None = None
-        self._task: asyncio.Task[Any] | None = None
+        self._call: TimerHandle | None = None
+        self._task: asyncio.Task[Any] | SimTask[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancelling = 0
         self.deadline: int | None = None
@@ -159,11 +161,11 @@ class TimeoutScope:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError(f"{self._who} needs a running event loop (use it inside an async function)") from None
-        task = asyncio.current_task(loop)
-        if task is None:
-            raise RuntimeError(f"{self._who} must be entered inside an asyncio task, not a bare callback")
         sim = self.sim
-        if sim._loop is not None and sim._loop is not loop:
+        task: asyncio.Task[Any] | SimTask[Any] | None = sim.current_task() or asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError(f"{self._who} must be entered inside a task, not a bare callback")
+        if sim.loop is not None and sim.loop is not loop:
             raise RuntimeError(
                 f"{self._who}: sim {sim.name!r} runs on another event loop than the task entering the scope"
             )
@@ -236,20 +238,13 @@ class TimeoutScope:
         assert task is not None and self._loop is not None
         if self._raise:  # only fail_after reports it; on a large device the list is long
             self.blocked_at_expiry = tuple(sim.blocked())
-        handle = sim._tasks.get(task)
-        if handle is not None:
-            handle.cancel()  # counts the simulated task runnable at once
+        if isinstance(task, SimTask):
+            task.cancel()  # the simulated task is ready at once: time waits for it
             return
         task.cancel()
         # A host task is not counted, so hold time still until it has run once.
-        sim._runnable += 1
-        self._loop.call_soon(self._release)
-
-    def _release(self) -> None:
-        sim = self.sim
-        sim._runnable -= 1
-        if sim._runnable == 0:
-            sim._schedule_idle()
+        sim.hold()
+        self._loop.call_soon(sim.release)
 
     def __repr__(self) -> str:
         kind = "fail_after" if self._raise else "move_on_after"

@@ -256,7 +256,9 @@ async def test_cancel_task_blocked_on_sleep_and_on_full_put() -> None:
         await box.put(1)
 
     hs = [sim.spawn(sleeper(), name="s"), sim.spawn(putter(), name="p")]
-    await asyncio.sleep(0)
+    # A burst runs the simulation until nothing is ready, so a bare asyncio.sleep(0)
+    # could find the sleeper finished; the host resumes at 1 ns with both still blocked.
+    await sim.sleep(ns(1))
     for h in hs:
         h.cancel()
     for h in hs:
@@ -266,7 +268,7 @@ async def test_cancel_task_blocked_on_sleep_and_on_full_put() -> None:
     assert box.get_nowait() == 0
     assert box.qsize() == 0  # the cancelled putter's message was withdrawn
     await sim.sleep(ns(1))
-    assert sim.now == ns(1)
+    assert sim.now == ns(2)
 
 
 @pytest.mark.asyncio
@@ -333,8 +335,8 @@ def test_kbus_run_on_both_loops() -> None:
 
 
 @pytest.mark.asyncio
-async def test_lone_sleeper_pass_respects_timers_added_during_the_pass() -> None:
-    """The last task to block runs the idle pass itself; work scheduled meanwhile still comes first."""
+async def test_foreign_await_lets_loop_callbacks_run_before_time_moves() -> None:
+    """A loop callback a simulated task schedules is foreign work: awaiting the loop once lets it run first."""
     sim = Sim()
     order: list[tuple[str, int]] = []
     loop = asyncio.get_running_loop()
@@ -344,31 +346,32 @@ async def test_lone_sleeper_pass_respects_timers_added_during_the_pass() -> None
         order.append((tag, sim.now))
 
     async def lone() -> None:
-        # Whilst this sleep's pass is pending, a plain loop callback starts two more
-        # simulated tasks: one due earlier, one due at the same instant.
+        # A plain loop callback starts two more simulated tasks: one due earlier,
+        # one due at the same instant as this task's sleep.
         loop.call_soon(
             lambda: (sim.spawn(late("early", ns(5)), name="early"), sim.spawn(late("tie", ns(10)), name="tie"))
         )
+        await asyncio.sleep(0)  # foreign: time stands still while the loop runs the callback
         await sim.sleep(ns(10))
         order.append(("lone", sim.now))
 
     sim.spawn(lone(), name="lone")
     await sim.run()
-    assert order == [("early", ns(5)), ("lone", ns(10)), ("tie", ns(10))]
+    # The callback ran before this task resumed, so "tie" booked its timer first.
+    assert order == [("early", ns(5)), ("tie", ns(10)), ("lone", ns(10))]
 
 
 @pytest.mark.asyncio
-async def test_cancel_during_the_lone_sleepers_pass() -> None:
+async def test_cancel_before_the_first_step() -> None:
     sim = Sim()
 
     async def lone() -> None:
         await sim.sleep(ns(10))
 
     h = sim.spawn(lone(), name="lone")
-    await asyncio.sleep(0)  # the task has started and yielded for its pass
-    h.cancel()
+    h.cancel()  # still in the ready deque: the CancelledError is thrown at its first step
     with pytest.raises(asyncio.CancelledError):
         await h
-    assert sim.runnable == 0 and sim.now == 0
+    assert h.cancelled() and sim.runnable == 0 and sim.now == 0
     await sim.sleep(ns(3))
     assert sim.now == ns(3)

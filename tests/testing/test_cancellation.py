@@ -339,11 +339,17 @@ async def test_runtime_anyio_cancel_scope_around_the_whole_device_block() -> Non
     async with loop_stays_clean():
         with anyio.CancelScope() as scope:
             async with open_device("tiny") as torch:
+                # The device would finish within one burst of the engine; hold its time
+                # so the cancellation lands while the work is in flight.
+                freeze = Freeze(torch.sim)
                 t = torch.ones(N, dtype=torch.float32)
                 pending = (t + t).numpy()
-                await torch.sim.sleep(ns(100))
+                await freeze.frozen.wait()
                 scope.cancel()
-                await pending
+                try:
+                    await pending
+                finally:
+                    freeze.thaw()
         assert scope.cancelled_caught
         assert torch.sim.tasks() == []
         await assert_closed_cleanly(torch)
