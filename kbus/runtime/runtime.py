@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import itertools
 import math
 import threading
@@ -1365,17 +1366,21 @@ class Runtime:
         kind: Literal["pattern", "host_buffer_ref"] = "pattern" if buf is None else "host_buffer_ref"
         try:
             msgs: list[HostMessage] = []
-            if st.placement.replicated:
-                groups: dict[tuple[int, int], list[Coord]] = {}
+            if st.placement.replicated or buf is None:
+                # Every copy (or every shard of a fill) of one size at one PA is one
+                # broadcast per SIP: on a fresh device that is one message per SIP
+                # instead of one per PE.
+                groups: dict[tuple[int, int, int], list[ShardInfo]] = {}
                 for s in st.shards:
-                    groups.setdefault((s.sip, s.pa), []).append(s.coord)
-                for (sip, pa), coords in groups.items():
-                    _, c0, p0 = coords[0]
-                    for _, cubes, pe in _target_groups(coords, self.config):
+                    groups.setdefault((s.sip, s.pa, s.nbytes), []).append(s)
+                for (sip, pa, nbytes), members in groups.items():
+                    first = members[0]
+                    offset = 0 if st.placement.replicated else first.offset
+                    for _, cubes, pe in _target_groups([m.coord for m in members], self.config):
                         msgs.append(
                             MemoryWriteMsg(
-                                self._cid, self._rid(), sip, c0, p0, pa, st.nbytes, kind, pattern,
-                                target_cubes=cubes, target_pe=pe, host_buffer=buf, host_offset=0,
+                                self._cid, self._rid(), sip, first.cube, first.pe, pa, nbytes, kind, pattern,
+                                target_cubes=cubes, target_pe=pe, host_buffer=buf, host_offset=offset,
                             )
                         )  # fmt: skip
             else:
@@ -1493,7 +1498,7 @@ class _DeviceSession:
             raise RuntimeError("this open_device() context is already in use; call open_device() again")
         cfg = DeviceConfig.load(self._config)
         sim = Sim(name=cfg.name)
-        device = build_device(sim, cfg, wire=self._wire)
+        device = build_device(sim, cfg, wire=self._wire, freeze=True)
         try:
             runtime = Runtime(device)
             attach = _trace_attacher()
@@ -1507,7 +1512,7 @@ class _DeviceSession:
                     "(kbus.trace.attach_from_open_device is missing)"
                 )
         except BaseException:
-            await device.aclose()
+            await _close_device(device)
             raise
         self._runtime = runtime
         return runtime
@@ -1534,7 +1539,27 @@ class _DeviceSession:
                 if self._trace_cm is not None:
                     await self._trace_cm.__aexit__(et, e, tb)
             finally:
-                await rt.device.aclose()
+                await _close_device(rt.device)
+
+
+async def _close_device(device: Device) -> None:
+    """Stop the device with the collector paused, then hand its objects back to the collector.
+
+    ``open_device`` builds with ``freeze=True`` (see :func:`~kbus.hw.build_device`),
+    so the device sits in the permanent generation; stopping its tasks would
+    otherwise trigger full collections that walk it again and again.
+    ``gc.unfreeze()`` afterwards lets the next collection reclaim it (it also
+    unfreezes anything else frozen meanwhile, e.g. another open device: that
+    only costs the other device speed, never correctness).
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        await device.aclose()
+    finally:
+        if paused:
+            gc.enable()
+        gc.unfreeze()
 
 
 def _trace_attacher() -> Any:
