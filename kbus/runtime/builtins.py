@@ -51,6 +51,7 @@ write of its output block (local DMA). The FLOP counts are per kernel below.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from bisect import bisect_left, bisect_right
@@ -61,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
+from threadpoolctl import ThreadpoolController
 
 from ..mem import Segment
 from ..protocol import KernelArg, KernelLaunchMsg, ScalarArg, TensorArg, TensorArgShard
@@ -80,6 +82,7 @@ __all__ = [
     "encode_scalar",
     "encode_tensor",
     "gather",
+    "host_threads",
     "install",
     "run_concurrently",
     "write_block",
@@ -509,6 +512,25 @@ async def write_block(cpu: PeCpu, desc: TensorDesc, k: int, data: npt.NDArray[An
     await cpu.device.write_va((cpu.sip, cpu.cube, cpu.pe), desc.shard_va(k), arr)
 
 
+_POOLS: Any = None  # a threadpoolctl.ThreadpoolController (the library ships no type hints)
+
+
+def host_threads(threads: int) -> contextlib.AbstractContextManager[Any]:
+    """Cap numpy's BLAS/OpenMP pools at ``threads`` for the compute inside a kernel.
+
+    Every simulated PE runs its kernels on the same host, so BLAS's default
+    (one thread per core) oversubscribes it: on a busy 2-core machine a
+    512 x 512 sharded matmul ran 5-7x slower than with one thread. The
+    controller that finds the loaded libraries is built once (it scans the
+    process); each limit only sets and restores their thread counts.
+    """
+    global _POOLS
+    if _POOLS is None:
+        _POOLS = ThreadpoolController()
+    limiter: contextlib.AbstractContextManager[Any] = _POOLS.limit(limits=threads)
+    return limiter
+
+
 async def compute(cpu: PeCpu, flops: int, label: str) -> None:
     """Spend the PE time of ``flops`` operations at peak (busy time of the PE_CPU)."""
     await cpu.busy(cpu.device.config.compute.flops_to_ps(flops), label)
@@ -640,7 +662,7 @@ async def _matmul(cpu: PeCpu, args: ArgReader) -> None:
     (r0, r1), (c0, c1) = out.shard_box(k)
     kk = a.shape[1]
     aa, bb = await run_concurrently(cpu.sim, [gather(cpu, a, ((r0, r1), (0, kk))), gather(cpu, b, ((0, kk), (c0, c1)))])
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), host_threads(cpu.device.config.compute.host_threads):
         r = np.matmul(aa, bb)
     await compute(cpu, 2 * (r1 - r0) * kk * (c1 - c0), "matmul")
     await write_block(cpu, out, k, r)

@@ -100,6 +100,9 @@ class CommandQueue:
         while True:
             cmd = await get()
             spawn(self._run(cmd), name=cmd.label)
+            # Do not pin the last command (an upload's closure holds its host
+            # snapshot) while waiting for the next one.
+            del cmd
 
     async def _run(self, cmd: Command) -> None:
         error: BaseException | None = None
@@ -122,11 +125,13 @@ class CommandQueue:
             err = await m
             if error is None and err is not None:
                 error = err
-        if error is None and cmd.work is not None:
+        work, cmd.work = cmd.work, None  # the closure (and an upload's snapshot) dies with the work
+        if error is None and work is not None:
             try:
-                result = await cmd.work()
+                result = await work()
             except Exception as exc:
                 error = exc
+        del work
         if error is None:
             cmd.done.set_result(result)
         else:
