@@ -91,3 +91,18 @@ async def test_host_threads_change_nothing_on_the_device() -> None:
             results.append((await c.numpy(), torch.now_ps))
     (r1, t1), (r2, t2) = results
     assert np.array_equal(r1, r2) and t1 == t2
+
+
+@pytest.mark.asyncio
+async def test_sharded_fill_is_one_write_per_sip() -> None:
+    """``ones`` over every PE of ``default`` (2 SIPs): equal shards at one PA are one broadcast per SIP."""
+    async with kbus.open_device("default") as torch:
+        sent: list[Any] = []
+        torch.device.on_request = lambda phase, msg, _r, _t: sent.append(msg) if phase == "begin" else None
+        pes = torch.config.num_pes
+        n = pes * torch.config.memory.page_size // 4  # one page of float32 per PE
+        a = torch.ones(n)
+        assert np.array_equal(await a.numpy(), np.ones(n, np.float32))
+        writes = [m for m in sent if m.msg_type == "memory_write"]
+        assert len(writes) == torch.config.topology.sips
+        assert all(m.target_cubes == "all" and m.target_pe == "all" for m in writes)
