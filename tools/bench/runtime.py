@@ -16,13 +16,17 @@ Sections (all by default; name some to run only those):
             means ``step <= PEs ratio`` (8x for 8->64, 16x for 64->1024, 4x for 1024->4096).
 ``matmul``  512 and 2048 square float32 ``a @ b`` on ``default``, ``a`` row-sharded,
             ``b`` replicated or column-sharded (remote reads), against numpy's matmul.
+``build``   building and closing ``large`` (4096 PEs) with the collector running
+            (the peer: ``Device(...)`` built directly), paused (``build_device``)
+            and paused + frozen (``build_device(freeze=True)``, as ``open_device``
+            does, closed with the collector paused, then unfrozen), interleaved.
 ``memory``  in fresh subprocesses: peak RSS of a 256 MiB upload + readback round
             trip in host copies per byte beyond the user's array (the result
             array included), host bytes copied per byte moved by kind (upload
             snapshot, byte-store writes, byte-store reads), and the peak RSS of
             ``kbus demo``.
 
-Usage: ``python tools/bench/runtime.py [sweep|scale|matmul|memory ...] [--rounds N] [--csv PATH]``.
+Usage: ``python tools/bench/runtime.py [sweep|scale|matmul|build|memory ...] [--rounds N] [--csv PATH]``.
 """
 
 from __future__ import annotations
@@ -270,6 +274,52 @@ async def matmul(rounds: int) -> None:
     )
 
 
+# -- build --------------------------------------------------------------------------------------
+
+
+async def build(rounds: int) -> None:
+    from kbus.hw import build_device
+    from kbus.hw.device import Device
+
+    cfg = DeviceConfig.load("large")
+    modes = ("collector running", "paused", "paused + frozen")
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            gc.collect()
+            t0 = time.perf_counter()
+            if mode == "collector running":
+                dev = Device(kbus.Sim(), cfg, wire=False)
+            else:
+                dev = build_device(kbus.Sim(), cfg, freeze=mode == "paused + frozen")
+            t1 = time.perf_counter()
+            if mode == "paused + frozen":
+                gc.disable()
+                try:
+                    await dev.aclose()
+                finally:
+                    gc.enable()
+                    gc.unfreeze()
+            else:
+                await dev.aclose()
+            times[mode].append((t1 - t0, time.perf_counter() - t1))
+            del dev
+    base = times["collector running"]
+    rows = []
+    for mode in modes:
+        b = [t[0] for t in times[mode]]
+        c = [t[1] for t in times[mode]]
+        ratio = [x[0] / y[0] for x, y in zip(times[mode], base, strict=True)]
+        rows.append(
+            [mode, f"{ms(min(b))} / {ms(statistics.median(b))} / {ms(max(b))}", ms(statistics.median(c)), spread(ratio)]
+        )
+    print_table(
+        f"build and close of 'large' (4096 PEs), {rounds} interleaved rounds",
+        ["collector", "build min/med/max", "close", "build / running min/med/max"],
+        rows,
+    )
+
+
 # -- memory (subprocesses) --------------------------------------------------------------------------
 
 
@@ -390,7 +440,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
     parser.add_argument("--csv", type=Path, default=Path("runtime_sweep.csv"), help="where the sweep CSV goes")
     args = parser.parse_args()
-    known = ["sweep", "scale", "matmul", "memory"]
+    known = ["sweep", "scale", "matmul", "build", "memory"]
     sections = args.sections or known
     for name in sections:
         if name not in known:
@@ -401,6 +451,8 @@ def main() -> None:
         kbus.run(lambda: scale(max(1, min(args.rounds, 3))))
     if "matmul" in sections:
         kbus.run(lambda: matmul(args.rounds))
+    if "build" in sections:
+        kbus.run(lambda: build(args.rounds))
     if "memory" in sections:
         memory()
 
