@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..mem import MemoryStore, PageTable, Segment
+from ..mem import MapConflict, MemoryStore, PageTable, Segment, SharedMappingCache
 from ..protocol import (
     KernelLaunchMsg,
     MemoryReadMsg,
@@ -227,13 +227,19 @@ class PeBlock(Block):
 
 
 class PeMmu(PeBlock):
-    """The PE's MMU: a page table filled by map/unmap messages, and a synchronous ``translate``."""
+    """The PE's MMU: a page table filled by map/unmap messages, and a synchronous ``translate``.
+
+    A map message is decoded and validated once for all the PEs it reaches
+    (:class:`~kbus.mem.SharedMappingCache`); each PE's table then references
+    the shared runs, so a broadcast of E entries to P PEs costs O(P + E).
+    """
 
     kind = "PE_MMU"
 
     def __init__(self, device: Device, sip: int, cube: int, pe: int) -> None:
         super().__init__(device, sip, cube, pe, "mmu", (MmuMapMsg, MmuUnmapMsg))
         self.table = PageTable(self.pe_path, device.config.memory.page_size)
+        self._maps = SharedMappingCache.of(device)
 
     def translate(self, va: int, nbytes: int) -> list[Segment]:
         """Physical segments of ``[va, va+nbytes)``; raises :class:`~kbus.mem.PageFault` if unmapped."""
@@ -244,19 +250,12 @@ class PeMmu(PeBlock):
         table = self.table
         tracer = self.sim.tracer
         if type(msg) is MmuMapMsg:
-            done: list[Any] = []
-            for i, e in enumerate(msg.entries):
-                problem = self.device.check_map_entry(e)
-                if problem is None:
-                    try:
-                        table.map(e.va, e.pa, e.size, sip=e.sip, cube=e.cube, pe=e.pe)
-                    except ValueError as exc:
-                        problem = str(exc)
-                if problem is not None:
-                    for d in done:  # all or nothing: a failed map leaves the table as it was
-                        table.unmap(d.va, d.size)
-                    return f"{self.name}: entries[{i}] (va={e.va:#x}, size={e.size:#x}): {problem}", None
-                done.append(e)
+            shared = self._maps.get(msg, msg.entries, table.page_size, self.device.check_map_entry)
+            try:
+                table.install(shared)  # all or nothing: a failed map leaves the table as it was
+            except MapConflict as exc:
+                e = msg.entries[exc.index]
+                return f"{self.name}: entries[{exc.index}] (va={e.va:#x}, size={e.size:#x}): {exc}", None
             if tracer is not None:
                 for e in msg.entries:
                     tracer.emit("mmu", "map", self.name, self.sim.now, None, {"va": e.va, "size": e.size, "pa": e.pa})

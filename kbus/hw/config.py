@@ -75,6 +75,10 @@ for ``ceil(nbytes / bandwidth)``). Levels:
   ``pe_flops_per_cycle``      floating-point operations a PE retires per cycle
                               (integer > 0); peak = clock x flops_per_cycle
   ``kernel_launch``           fixed PE_CPU cost of starting one kernel (duration)
+  ``host_threads``            host threads numpy/BLAS may use inside one builtin
+                              kernel (integer >= 1, default 1); no effect on
+                              virtual time, only on how the emulator shares the
+                              host's cores
 
 ``[processing]`` time a block spends handling one message, before forwarding
 or acting on it (durations >= 0):
@@ -327,6 +331,13 @@ class ComputeConfig:
         512, "count", "floating-point operations a PE retires per cycle", minimum=1, unit="FLOP/cycle"
     )
     kernel_launch: int = _param(200 * NS, "duration", "fixed PE_CPU cost of starting one kernel")
+    host_threads: int = _param(
+        1,
+        "count",
+        "host threads numpy/BLAS may use inside one builtin kernel (simulated PEs share the host's cores)",
+        minimum=1,
+        maximum=1024,
+    )
 
     @property
     def pe_flops(self) -> int:

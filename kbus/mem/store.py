@@ -144,15 +144,29 @@ class MemoryStore:
 
     Addresses are absolute (the region's own PA space), so the device model
     can hand a physical address straight to the store of the region it lies
-    in. ``chunk`` must be a power of two; 1 MiB balances the cost of touching
-    a fresh chunk (it is zero-filled) against the per-chunk Python overhead of
-    large transfers.
+    in. ``chunk`` must be a power of two. The default, 64 KiB, is the MMU
+    page of the presets: the runtime hands out physical memory in whole pages,
+    so each shard starts a chunk of its own and the backing below follows
+    what each shard uses (with 1 MiB chunks, 16 small shards sharing a chunk
+    backed it up to the highest one: ``kbus demo --preset large`` held 1.1 GiB
+    for a few MiB of data). A 4 MiB transfer is then 64 slice copies.
+
+    A chunk is backed only as far as it has been written: its array covers
+    the chunk's first bytes up to the highest byte written, in steps of
+    ``GROW`` (4 KiB), and grows (at least doubling) when a write reaches
+    further. So resident memory tracks what the device actually stores: a
+    256-byte shard costs 4 KiB, not a chunk (with whole 1 MiB chunks a small
+    tensor sharded over 4096 PEs pinned 4 GiB), while a transfer that fills a
+    chunk allocates it whole at once, with no growth copies.
 
     All data moves with numpy slice assignment, one copy per chunk touched;
     nothing loops over elements in Python.
     """
 
-    def __init__(self, name: str, base: int, size: int, chunk: int = 1 << 20) -> None:
+    GROW = 4096
+    """Granule of a chunk's backing array (bytes)."""
+
+    def __init__(self, name: str, base: int, size: int, chunk: int = 1 << 16) -> None:
         if base < 0 or size < 0:
             raise ValueError(f"store {name!r}: base {base:#x} and size {size} must be >= 0")
         if chunk <= 0 or chunk & (chunk - 1):
@@ -210,15 +224,22 @@ class MemoryStore:
             pos += n
         return spans
 
-    def _chunk_for_write(self, idx: int) -> U8Array:
+    def _chunk_for_write(self, idx: int, end: int) -> U8Array:
+        """Chunk ``idx`` backed at least up to byte ``end`` of the chunk (grown if needed)."""
         arr = self._chunks.get(idx)
-        if arr is None:
-            # The last chunk is cut to the region so resident_bytes never exceeds size.
-            length = min(self.chunk, self.size - (idx << self._shift))
-            arr = np.zeros(length, dtype=np.uint8)
-            self._chunks[idx] = arr
-            self._resident += length
-        return arr
+        have = 0 if arr is None else arr.size
+        if arr is not None and have >= end:
+            return arr
+        # The last chunk is cut to the region so resident_bytes never exceeds size.
+        full = min(self.chunk, self.size - (idx << self._shift))
+        grow = self.GROW
+        size = min(full, max(-(-end // grow) * grow, 2 * have))
+        new = np.zeros(size, dtype=np.uint8)
+        if arr is not None:
+            new[:have] = arr
+        self._chunks[idx] = new
+        self._resident += size - have
+        return new
 
     def _is_unwritten(self, off: int, nbytes: int) -> bool:
         """True when no chunk overlapping ``[off, off + nbytes)`` was ever written (so it reads as zeros)."""
@@ -234,7 +255,7 @@ class MemoryStore:
         for idx, inner, _pos, n in self._spans(off, nbytes):
             arr = self._chunks.get(idx)
             if arr is not None:
-                arr[inner : inner + n] = 0
+                arr[inner : inner + n] = 0  # a slice past the backed part is empty: those bytes read as zeros
 
     # -- public API --------------------------------------------------------------------
 
@@ -243,7 +264,7 @@ class MemoryStore:
         src = _as_u8(data, f"{self.name}: write")
         off = self._check(addr, src.size, "write")
         for idx, inner, pos, n in self._spans(off, src.size):
-            self._chunk_for_write(idx)[inner : inner + n] = src[pos : pos + n]
+            self._chunk_for_write(idx, inner + n)[inner : inner + n] = src[pos : pos + n]
 
     def read(self, addr: int, nbytes: int) -> U8Array:
         """A new uint8 array with the ``nbytes`` bytes at ``addr`` (zeros where never written).
@@ -272,8 +293,12 @@ class MemoryStore:
             arr = self._chunks.get(idx)
             if arr is None:
                 out[pos : pos + n] = 0
-            else:
+            elif inner + n <= arr.size:
                 out[pos : pos + n] = arr[inner : inner + n]
+            else:  # partly past the backed part of the chunk: zeros there
+                got = max(0, arr.size - inner)
+                out[pos : pos + got] = arr[inner : inner + got]
+                out[pos + got : pos + n] = 0
 
     def fill(self, addr: int, nbytes: int, pattern: Buffer) -> None:
         """Repeat the byte ``pattern`` over ``[addr, addr + nbytes)``, its first byte at ``addr``.
@@ -293,10 +318,13 @@ class MemoryStore:
             self._zero(off, nbytes)
             return
         period = pat.size
-        tile = np.resize(pat, min(nbytes, self.chunk) + period - 1)
+        # bytes * n repeats by doubling memcpy; np.resize concatenates n copies
+        # in Python and cost 150 us per 4 KiB fill (a fill per shard per PE).
+        length = min(nbytes, self.chunk) + period - 1
+        tile = np.frombuffer(pat.tobytes() * -(-length // period), dtype=np.uint8)
         for idx, inner, pos, n in self._spans(off, nbytes):
             phase = pos % period
-            self._chunk_for_write(idx)[inner : inner + n] = tile[phase : phase + n]
+            self._chunk_for_write(idx, inner + n)[inner : inner + n] = tile[phase : phase + n]
 
     def write_pattern(self, addr: int, nbytes: int, pattern: str) -> None:
         """Write fill ``pattern`` (see the module docstring) over ``[addr, addr + nbytes)``.

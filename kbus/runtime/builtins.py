@@ -51,7 +51,10 @@ write of its output block (local DMA). The FLOP counts are per kernel below.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
+from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
@@ -59,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
+from threadpoolctl import ThreadpoolController
 
 from ..mem import Segment
 from ..protocol import KernelArg, KernelLaunchMsg, ScalarArg, TensorArg, TensorArgShard
@@ -72,11 +76,13 @@ __all__ = [
     "BUILTINS",
     "DTYPE_NAMES",
     "ArgReader",
+    "LaunchMemo",
     "Scalar",
     "TensorDesc",
     "encode_scalar",
     "encode_tensor",
     "gather",
+    "host_threads",
     "install",
     "run_concurrently",
     "write_block",
@@ -122,7 +128,7 @@ class TensorDesc:
     encode a launch; a PE decodes one with :class:`ArgReader`.
     """
 
-    __slots__ = ("_bounds", "_vas", "dtype", "page_size", "shape", "shard_dim", "shards", "va_base")
+    __slots__ = ("_bounds", "_lo", "_owners", "_vas", "dtype", "page_size", "shape", "shard_dim", "shards", "va_base")
 
     def __init__(
         self,
@@ -139,8 +145,9 @@ class TensorDesc:
         self.va_base = va_base
         self.shards = shards
         self.page_size = page_size
-        # Every PE decodes every tensor argument of a launch, so this runs
-        # (PEs x tensors) times per operation: keep it to list comprehensions.
+        # Decoded once per launch message (see ArgReader) and shared by every
+        # PE it reaches: O(shards) here, O(1)/O(log shards) per PE after.
+        self._owners: dict[Coord, int] | None = None
         if shard_dim < 0:
             self._vas = [va_base] * len(shards)
             self._bounds = [(0, shape[0] if shape else 1)] * len(shards)
@@ -151,6 +158,7 @@ class TensorDesc:
             sizes = [(sh.nbytes + mask) & ~mask for sh in shards[:-1]]
             self._vas = list(accumulate(sizes, initial=va_base)) if shards else []
             self._bounds = [(sh.offset_bytes // row, (sh.offset_bytes + sh.nbytes) // row) for sh in shards]
+        self._lo = [b[0] for b in self._bounds]
 
     @property
     def replicated(self) -> bool:
@@ -176,11 +184,20 @@ class TensorDesc:
         return tuple(box)
 
     def owned_by(self, coord: Coord) -> int | None:
-        """Index of the shard (or copy) held by PE ``coord``, or None."""
-        for k, sh in enumerate(self.shards):
-            if (sh.sip, sh.cube, sh.pe) == coord:
-                return k
-        return None
+        """Index of the shard (or copy) held by PE ``coord``, or None (a dict lookup, built on first use)."""
+        owners = self._owners
+        if owners is None:
+            owners = {}
+            for k, sh in enumerate(self.shards):
+                owners.setdefault((sh.sip, sh.cube, sh.pe), k)
+            self._owners = owners
+        return owners.get(coord)
+
+    def shards_between(self, lo: int, hi: int) -> range:
+        """Indices of the shards whose range along the shard dimension meets ``[lo, hi)`` (a bisect)."""
+        first = max(bisect_right(self._lo, lo) - 1, 0)
+        last = bisect_left(self._lo, hi)
+        return range(first, last)
 
     def __repr__(self) -> str:
         layout = "replicated" if self.shard_dim < 0 else f"sharded dim {self.shard_dim}"
@@ -257,12 +274,13 @@ class ArgReader:
     argument there is not what the kernel expects.
     """
 
-    __slots__ = ("_args", "_i", "page_size")
+    __slots__ = ("_args", "_i", "_memo", "page_size")
 
-    def __init__(self, msg: KernelLaunchMsg, page_size: int) -> None:
+    def __init__(self, msg: KernelLaunchMsg, page_size: int, memo: dict[int, TensorDesc] | None = None) -> None:
         self._args = msg.args
         self._i = 0
         self.page_size = page_size
+        self._memo = memo
 
     def _next(self) -> KernelArg:
         if self._i >= len(self._args):
@@ -292,6 +310,12 @@ class ArgReader:
     def tensor(self) -> TensorDesc:
         """The next tensor argument with its descriptor scalars."""
         pos = self._i
+        memo = self._memo
+        if memo is not None:
+            hit = memo.get(pos)
+            if hit is not None:
+                self._i += 3 + len(hit.shape)  # the TensorArg and its descriptor scalars
+                return hit
         arg = self._next()
         if not isinstance(arg, TensorArg):
             raise ValueError(f"argument {pos}: expected a tensor, got a scalar")
@@ -302,13 +326,54 @@ class ArgReader:
         ndim = int(head.value)
         shape = tuple(self.int("tensor shape") for _ in range(ndim))
         shard_dim = self.int("shard dim")
-        return TensorDesc(dt, shape, shard_dim, arg.va_base, arg.shards, self.page_size)
+        desc = TensorDesc(dt, shape, shard_dim, arg.va_base, arg.shards, self.page_size)
+        if memo is not None:
+            memo[pos] = desc
+        return desc
 
     def operand(self) -> TensorDesc | Scalar:
         """The next tensor or scalar operand."""
         if self.at_tensor():
             return self.tensor()
         return decode_scalar(self._scalar("operand"))
+
+
+class LaunchMemo:
+    """Tensor arguments decoded once per launch message, for every PE the message reaches.
+
+    A broadcast launch delivers the same message object to every target PE, so
+    the message's identity is the key (held by a weak reference that drops the
+    entry with the message). Without it every PE would rebuild a descriptor of
+    every tensor argument: O(PEs x shards) per operation. In wire mode each PE
+    receives its own copy and decodes it itself.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[KernelLaunchMsg], int, dict[int, TensorDesc]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def reader(self, msg: KernelLaunchMsg, page_size: int) -> ArgReader:
+        """An :class:`ArgReader` for ``msg`` whose tensor descriptors are shared with the other PEs."""
+        key = id(msg)
+        hit = self._by_id.get(key)
+        if hit is not None and hit[0]() is msg and hit[1] == page_size:
+            return ArgReader(msg, page_size, hit[2])
+        memo: dict[int, TensorDesc] = {}
+        by_id = self._by_id
+
+        def drop(ref: weakref.ref[KernelLaunchMsg], key: int = key) -> None:
+            cur = by_id.get(key)
+            if cur is not None and cur[0] is ref:
+                del by_id[key]
+
+        by_id[key] = (weakref.ref(msg, drop), page_size, memo)
+        return ArgReader(msg, page_size, memo)
+
+
+LAUNCHES: Final = LaunchMemo()
+"""The builtin kernels' shared decode memo (keys are message identities, so one serves every device)."""
 
 
 # ---------------------------------------------------------------------------
@@ -427,7 +492,7 @@ async def gather(cpu: PeCpu, desc: TensorDesc, box: Box) -> npt.NDArray[Any]:
         return await _read_block(dev, me, desc, 0, (), ())
     lo, hi = box[d]
     reads = []
-    for k in range(len(desc.shards)):
+    for k in desc.shards_between(lo, hi):
         s, e = desc.shard_range(k)
         a, b = max(lo, s), min(hi, e)
         if a >= b:
@@ -445,6 +510,25 @@ async def write_block(cpu: PeCpu, desc: TensorDesc, k: int, data: npt.NDArray[An
     if arr.size == 0:
         return
     await cpu.device.write_va((cpu.sip, cpu.cube, cpu.pe), desc.shard_va(k), arr)
+
+
+_POOLS: Any = None  # a threadpoolctl.ThreadpoolController (the library ships no type hints)
+
+
+def host_threads(threads: int) -> contextlib.AbstractContextManager[Any]:
+    """Cap numpy's BLAS/OpenMP pools at ``threads`` for the compute inside a kernel.
+
+    Every simulated PE runs its kernels on the same host, so BLAS's default
+    (one thread per core) oversubscribes it: on a busy 2-core machine a
+    512 x 512 sharded matmul ran 5-7x slower than with one thread. The
+    controller that finds the loaded libraries is built once (it scans the
+    process); each limit only sets and restores their thread counts.
+    """
+    global _POOLS
+    if _POOLS is None:
+        _POOLS = ThreadpoolController()
+    limiter: contextlib.AbstractContextManager[Any] = _POOLS.limit(limits=threads)
+    return limiter
 
 
 async def compute(cpu: PeCpu, flops: int, label: str) -> None:
@@ -494,7 +578,7 @@ def _kernel(name: str, body: KernelBody) -> KernelFn:
 
     async def run(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, int | float | None]:
         try:
-            await body(cpu, ArgReader(msg, cpu.device.config.memory.page_size))
+            await body(cpu, LAUNCHES.reader(msg, cpu.device.config.memory.page_size))
         except Exception as exc:
             return f"{cpu.name}: builtin kernel {name!r} failed: {exc}", None
         return None, None
@@ -578,7 +662,7 @@ async def _matmul(cpu: PeCpu, args: ArgReader) -> None:
     (r0, r1), (c0, c1) = out.shard_box(k)
     kk = a.shape[1]
     aa, bb = await run_concurrently(cpu.sim, [gather(cpu, a, ((r0, r1), (0, kk))), gather(cpu, b, ((0, kk), (c0, c1)))])
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), host_threads(cpu.device.config.compute.host_threads):
         r = np.matmul(aa, bb)
     await compute(cpu, 2 * (r1 - r0) * kk * (c1 - c0), "matmul")
     await write_block(cpu, out, k, r)

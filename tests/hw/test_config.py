@@ -450,7 +450,7 @@ def test_describe_covers_every_key_and_the_docstring_documents_them() -> None:
     flat = set(keys)
     assert len(flat) == len(keys)
     assert {"name", "topology.sips", "memory.va_size", "links.noc_pe.latency", "processing.pe_mmu"} <= flat
-    assert len(keys) == 1 + 3 + 6 + 2 + 9 * 2 + 3 + 7
+    assert len(keys) == 1 + 3 + 6 + 2 + 9 * 2 + 4 + 7  # compute: clock, flops/cycle, kernel_launch, host_threads
     meaning = "NOC <-> a PE's blocks (PE_CPU, PE_DMA, PE_MMU): fixed delay of one hop"
     assert ("links.noc_pe.latency", "5ns", meaning) in rows
     by_key = {key: value for key, value, _ in rows}

@@ -19,8 +19,24 @@ def test_lazy_allocation() -> None:
     assert not s.read(BASE + (8 << 30), 4096).any()
     assert s.resident_bytes == 0
     s.write(BASE + 10, b"\x01\x02")
-    assert s.resident_bytes == 1 << 20
+    assert s.resident_bytes == MemoryStore.GROW  # only the written prefix of the chunk is backed
     assert s.read(BASE + 9, 4).tolist() == [0, 1, 2, 0]
+
+
+def test_chunk_grows_with_writes_and_reads_zeros_past_them() -> None:
+    s = MemoryStore(NAME, 0, 1 << 20, chunk=1 << 16)
+    s.write(100, b"\x01" * 10)
+    assert s.resident_bytes == 4096  # bytes 0..4095 of chunk 0
+    assert s.read(4090, 12).tolist() == [0] * 12  # past the backed part: zeros
+    s.write(5000, b"\x02")  # grows chunk 0, at least doubling: 8192
+    assert s.resident_bytes == 8192
+    s.write(20000, b"\x03")  # 20001 rounded up to 4 KiB steps: 20480
+    assert s.resident_bytes == 20480
+    assert s.read(99, 3).tolist() == [0, 1, 1] and s.read(5000, 1).tolist() == [2]
+    s.fill(0, 1 << 16, b"\x00")  # zeros never allocate, even past the backed part
+    assert s.resident_bytes == 20480 and not s.read(0, 1 << 16).any()
+    s.write(1 << 16, np.ones(1 << 16, np.uint8))  # a whole chunk at once: backed whole, no growth
+    assert s.resident_bytes == 20480 + (1 << 16)
 
 
 def test_last_chunk_is_cut_to_size() -> None:

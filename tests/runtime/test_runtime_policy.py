@@ -120,7 +120,7 @@ def test_zero_d_and_empty_tensors() -> None:
 
 @given(st.sets(st.integers(0, DEFAULT.num_pes - 1), min_size=1))
 def test_target_groups_cover_exactly_the_pes(indices: set[int]) -> None:
-    from kbus.runtime.runtime import _target_groups
+    from kbus.runtime.mapping import target_groups as _target_groups
 
     coords = [c for i, c in enumerate(DEFAULT.pe_coords()) if i in indices]
     t = DEFAULT.topology
