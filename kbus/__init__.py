@@ -13,12 +13,13 @@ from .errors import (
     DeviceError,
     KbusError,
     KernelError,
+    MemoryLeakError,
     OutOfDeviceMemory,
     TensorFreedError,
 )
 from .hw import DeviceConfig, build_device
 from .lang import kernel
-from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
+from .runtime import Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
 from .trace import TraceError

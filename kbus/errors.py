@@ -82,6 +82,10 @@ class KernelError(DeviceError):
     """A kernel failed on the device (page fault, bad argument, exception)."""
 
 
+class MemoryLeakError(KbusError, RuntimeError):
+    """Device memory or mappings were still held when the device closed (a runtime bug)."""
+
+
 __all__ = [
     "AllocatorError",
     "CodecError",
@@ -90,6 +94,7 @@ __all__ = [
     "DeviceError",
     "KbusError",
     "KernelError",
+    "MemoryLeakError",
     "OutOfDeviceMemory",
     "TensorFreedError",
 ]

@@ -25,7 +25,6 @@ deployment so the next launch deploys a fresh copy.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import operator
 import warnings
@@ -66,7 +65,6 @@ __all__ = [
     "start",
 ]
 
-_ids = itertools.count()
 _RUNTIME_ATTRS = ("device", "runtime", "_runtime", "torch")
 """Attributes of a tensor that may hold the runtime handle (``kbus.Tensor.device``) or the Device."""
 
@@ -152,7 +150,7 @@ async def _write_blob(device: Device, st: DeviceState, kern: Kernel) -> Deployme
     blob = np.frombuffer(kern.blob(), dtype=np.uint8).copy()
     pa = st.alloc_code(blob.size)
     s, c, p = st.code_coord
-    n = next(_ids)
+    n = next(st.request_ids)
     name = f"kbus.lang.code.{kern.short_name}.{n}"
     device.register_host_buffer(name, blob)
     try:
@@ -487,7 +485,8 @@ async def _send(
         placement = "spread"
         sips, cubes, pe = spread_targets(cfg, n)
     trailer = [ScalarArg("i64", g) for g in grid] + [ScalarArg("i64", PLACEMENTS[placement])]
-    msg = KernelLaunchMsg("kbus.lang", f"launch-{next(_ids)}", dep.ref(), (*params, *trailer), cubes, pe, sips)
+    rid = f"launch-{next(st.request_ids)}"
+    msg = KernelLaunchMsg("kbus.lang", rid, dep.ref(), (*params, *trailer), cubes, pe, sips)
     try:
         responses = await device.request(msg)
     except DeviceError as exc:

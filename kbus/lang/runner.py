@@ -32,6 +32,7 @@ Placement (which PE runs program instance ``i``, linear id
 
 from __future__ import annotations
 
+import itertools
 import traceback
 import weakref
 from collections.abc import Sequence
@@ -126,6 +127,9 @@ class DeviceState:
         self.hits = 0
         self.misses = 0
         self.deployments = 0
+        self.request_ids = itertools.count()
+        """Numbers of this device's deploy and launch requests: per device, so that a script sends
+        the same messages (same bytes, same virtual times) whatever ran before it in the process."""
         # device side
         self.pe_code: dict[Coord, dict[tuple[Any, ...], Kernel]] = {}
         self.pe_fetches = 0

@@ -547,7 +547,8 @@ class TensorOps:
         st = t._storage
         if st.runtime is not self:
             raise ValueError(
-                f"{where}: tensor {st.describe()} belongs to another device ({st.runtime._cid}, not {self._cid}); "
+                f"{where}: tensor {st.describe()} belongs to another device ({st.runtime.device!r}, "
+                f"not {self.device!r}); "
                 "tensors cannot cross devices: read it back with `await t.numpy()` and upload it with torch.tensor()"
             )
         check_freed(t, where)

@@ -39,12 +39,13 @@ import gc
 import itertools
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import numpy as np
 
-from ..errors import DeadlockError, KbusError
+from ..errors import DeadlockError, MemoryLeakError
 from ..hw import Device, DeviceConfig, build_device
 from ..mem import format_bytes
 from ..sim import Sim, SimFuture
@@ -67,11 +68,13 @@ if TYPE_CHECKING:
 __all__ = ["MemoryLeakError", "MemoryStats", "PeMemory", "Runtime", "Scope", "open_device"]
 
 
-class MemoryLeakError(KbusError, RuntimeError):
-    """Device memory or mappings were still held when the device closed (a runtime bug)."""
+_runtimes_on: weakref.WeakKeyDictionary[Device, int] = weakref.WeakKeyDictionary()
+"""How many runtimes each device has had: the correlation id of the next one.
 
-
-_runtime_ids = itertools.count(1)
+Numbered per device, not per process, so that the same script sends the same
+bytes (and, since a message's size counts, takes the same virtual time) however
+many devices the process opened before.
+"""
 
 
 class Runtime(TensorOps):
@@ -103,7 +106,9 @@ class Runtime(TensorOps):
         """Placement of tensors created without ``policy=``."""
         self.trace: Any = None
         """What ``kbus.trace.attach_from_open_device`` yielded (a trace session), or None."""
-        self._cid = f"rt{next(_runtime_ids)}"
+        n = _runtimes_on.get(device, 0) + 1
+        _runtimes_on[device] = n
+        self._cid = f"rt{n}"
         self._rids = itertools.count(1)
         self._tids = itertools.count(1)
         self._loop = asyncio.get_running_loop()

@@ -168,8 +168,7 @@ def load(path: Path) -> dict[str, Any]:
 async def traced_workload(path: Path, requests: int = 60, sink: Any = None, runtime: bool = True, **kw: Any) -> None:
     """Tensors and a kernel through the runtime, then ``requests`` raw requests, on a 2-SIP device.
 
-    ``runtime=False``: the raw requests only (the runtime's correlation ids count
-    the runtimes a process has opened, so two runtime runs in one process differ there).
+    ``runtime=False``: the raw requests only.
     """
     if not runtime:
         dev = make_device(sips=2)
@@ -241,7 +240,7 @@ async def test_request_flows_link_requests_to_their_responses(tmp_path: Path) ->
 
 
 def run_on(runner: Callable[[Any], Any], path: Path) -> bytes:
-    runner(traced_workload(path, requests=40, runtime=False))
+    runner(traced_workload(path, requests=40))
     return path.read_bytes()
 
 
