@@ -227,12 +227,12 @@ class TensorOps:
 
     # -- operations (called by Tensor) -----------------------------------------------
 
-    def _binary(self, op: str, x: object, y: object) -> Tensor:
+    def binary_op(self, op: str, x: object, y: object) -> Tensor:
         where = f"{_SYMBOLS[op]} ({op})"
         tensors = [v for v in (x, y) if isinstance(v, Tensor)]
         for v in (x, y):
             if isinstance(v, Tensor):
-                self._check(v, where)
+                self.check_tensor(v, where)
             elif isinstance(v, np.ndarray) or (hasattr(v, "__array__") and not isinstance(v, np.generic)):
                 raise TypeError(
                     f"{where}: cannot combine a kbus tensor with a host {type(v).__name__}; "
@@ -269,9 +269,9 @@ class TensorOps:
 
         return self._kernel_op(label, op, shape, dt, policy, [t._storage for t in tensors], args, where)
 
-    def _neg(self, x: Tensor) -> Tensor:
+    def neg_op(self, x: Tensor) -> Tensor:
         where = "- (neg)"
-        self._check(x, where)
+        self.check_tensor(x, where)
         return self._kernel_op(
             f"neg({self._names(x)})",
             "neg",
@@ -283,14 +283,14 @@ class TensorOps:
             where,
         )
 
-    def _matmul(self, a: object, b: object) -> Tensor:
+    def matmul_op(self, a: object, b: object) -> Tensor:
         where = "@ (matmul)"
         for v in (a, b):
             if not isinstance(v, Tensor):
                 raise TypeError(f"{where}: both operands must be kbus tensors, got {type(v).__name__}")
         assert isinstance(a, Tensor) and isinstance(b, Tensor)
-        self._check(a, where)
-        self._check(b, where)
+        self.check_tensor(a, where)
+        self.check_tensor(b, where)
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(
                 f"{where}: only 2-D @ 2-D is supported; got {a._storage.describe()} @ {b._storage.describe()}"
@@ -321,9 +321,9 @@ class TensorOps:
             where,
         )
 
-    def _sum(self, x: Tensor, dim: int | tuple[int, ...] | None) -> Tensor:
+    def sum_op(self, x: Tensor, dim: int | tuple[int, ...] | None) -> Tensor:
         where = "sum()"
-        self._check(x, where)
+        self.check_tensor(x, where)
         nd = x.ndim
         if dim is None:
             dims = tuple(range(nd))
@@ -374,9 +374,9 @@ class TensorOps:
         partials.free()
         return result
 
-    def _copy(self, x: Tensor, policy: DPPolicy | None, dtype: Any, what: str) -> Tensor:
+    def copy_op(self, x: Tensor, policy: DPPolicy | None, dtype: Any, what: str) -> Tensor:
         where = f"{what}()"
-        self._check(x, where)
+        self.check_tensor(x, where)
         dt = x.dtype if dtype is None else _dtype(dtype, where)
         pol = x.policy if policy is None else policy
         return self._kernel_op(
@@ -477,7 +477,7 @@ class TensorOps:
         storages: list[_Storage] = []
         for i, a in enumerate(args):
             if isinstance(a, Tensor):
-                self._check(a, where)
+                self.check_tensor(a, where)
                 encoded += encode_tensor(a._storage.desc)
                 if a._storage not in storages:
                     storages.append(a._storage)
@@ -515,7 +515,7 @@ class TensorOps:
         for t in (*reads, *writes):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{where}: reads/writes take kbus tensors, got {type(t).__name__}")
-            self._check(t, where)
+            self.check_tensor(t, where)
         written = list(dict.fromkeys(t._storage for t in writes))
         read = [st for st in dict.fromkeys(t._storage for t in reads) if st not in written]
         return self._ordered(label, fn, read, written)
@@ -543,7 +543,7 @@ class TensorOps:
         if self._closed:
             raise RuntimeError(f"{where}: device runtime {self._cid} is closed (its open_device block has exited)")
 
-    def _check(self, t: Tensor, where: str) -> None:
+    def check_tensor(self, t: Tensor, where: str) -> None:
         st = t._storage
         if st.runtime is not self:
             raise ValueError(
@@ -639,8 +639,8 @@ class TensorOps:
                 raise
             raise KernelError(str(exc), exc.responses) from None
 
-    def _read(self, t: Tensor) -> SimFuture[npt.NDArray[Any]]:
-        self._check(t, "numpy()")
+    def read_tensor(self, t: Tensor) -> SimFuture[npt.NDArray[Any]]:
+        self.check_tensor(t, "numpy()")
         st = t._storage
         label = f"numpy({st.name})"
         done: SimFuture[npt.NDArray[Any]] = self.sim.create_future(label)

@@ -203,7 +203,7 @@ class Runtime(TensorOps):
 
     # -- internals: lifetime ----------------------------------------------------------------------
 
-    def _free_storage(self, st: _Storage, by: str) -> None:
+    def free_storage(self, st: _Storage, by: str) -> None:
         """Free ``st`` once: release its ranges now, queue the unmap behind all work on it."""
         if st.freed is not None or (self._closed and by != "device close"):
             return
@@ -227,7 +227,7 @@ class Runtime(TensorOps):
         self._memory.released.append(rel)
         self._queue.enqueue(Command(label, done, unmap, soft=[st.ready, *st.readers]))
 
-    def _schedule_collect(self, st: _Storage) -> None:
+    def schedule_collect(self, st: _Storage) -> None:
         """From the finalizer of a dropped Tensor: free it from a clean loop callback."""
         if self._closed:
             return
@@ -236,9 +236,9 @@ class Runtime(TensorOps):
             if loop.is_closed():
                 return
             if threading.get_ident() == self._thread:
-                loop.call_soon(self._free_storage, st, "del (garbage collection)")
+                loop.call_soon(self.free_storage, st, "del (garbage collection)")
             else:
-                loop.call_soon_threadsafe(self._free_storage, st, "del (garbage collection)")
+                loop.call_soon_threadsafe(self.free_storage, st, "del (garbage collection)")
         except RuntimeError:  # the loop closed between the check and the call
             pass
 
@@ -269,7 +269,7 @@ class Runtime(TensorOps):
         try:
             await self.synchronize()
             for st in list(self._live.values()):
-                self._free_storage(st, "device close")
+                self.free_storage(st, "device close")
             await self.synchronize()
         except DeadlockError:
             for st in list(self._live.values()):

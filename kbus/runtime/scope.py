@@ -73,7 +73,7 @@ class Scope:
         self._storages.clear()
         done = []
         for st in storages:
-            self._rt._free_storage(st, "scope exit")
+            self._rt.free_storage(st, "scope exit")
             if st.free_done is not None:
                 done.append(st.free_done)
         return done

@@ -13,6 +13,11 @@ allocation (shards, VA range, pending work) and is what queued commands and
 scopes refer to, so dropping the last reference to a ``Tensor`` frees its
 memory through a ``weakref.finalize`` even while work that reads it is still
 queued: the free itself waits for that work.
+
+A tensor asks its runtime for work only through :class:`TensorBackend`, the
+small named interface :class:`~kbus.runtime.Runtime` implements (checks,
+readback, the arithmetic, copies, freeing); nothing here reaches into the
+runtime's private state.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Awaitable, Generator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import attrs
 import numpy as np
@@ -37,7 +42,35 @@ if TYPE_CHECKING:
 
     from .runtime import Runtime
 
-__all__ = ["ShardInfo", "Tensor"]
+__all__ = ["ShardInfo", "Tensor", "TensorBackend"]
+
+
+class TensorBackend(Protocol):
+    """What a :class:`Tensor` asks of the runtime that made it (``Runtime`` implements it)."""
+
+    def check_tensor(self, t: Tensor, where: str) -> None:
+        """Raise if ``t`` cannot be used here (another device, closed runtime, freed)."""
+
+    def read_tensor(self, t: Tensor) -> SimFuture[npt.NDArray[Any]]:
+        """Queue a readback of ``t``; the future resolves to its values."""
+
+    def binary_op(self, op: str, x: object, y: object) -> Tensor:
+        """``x <op> y`` for ``op`` in add/sub/mul/div (tensors or scalars, broadcasting)."""
+
+    def neg_op(self, x: Tensor) -> Tensor: ...
+
+    def matmul_op(self, a: object, b: object) -> Tensor: ...
+
+    def sum_op(self, x: Tensor, dim: int | tuple[int, ...] | None) -> Tensor: ...
+
+    def copy_op(self, x: Tensor, policy: DPPolicy | None, dtype: Any, what: str) -> Tensor:
+        """A copy of ``x`` (``clone`` or ``to``), placed by ``policy``."""
+
+    def free_storage(self, st: _Storage, by: str) -> None:
+        """Free ``st``'s device memory once the work queued on it is done."""
+
+    def schedule_collect(self, st: _Storage) -> None:
+        """Free ``st`` from a loop callback (a garbage-collected tensor)."""
 
 
 @attrs.frozen
@@ -243,9 +276,13 @@ class Tensor:
         """The runtime handle this tensor belongs to."""
         return self._storage.runtime
 
+    @property
+    def _backend(self) -> TensorBackend:
+        return self._storage.runtime
+
     def tensor_arg(self) -> TensorArg:
         """The protocol ``TensorArg`` of this tensor (shards and VA base)."""
-        self._storage.runtime._check(self, "tensor_arg()")
+        self._backend.check_tensor(self, "tensor_arg()")
         return TensorArg(self._storage.desc.shards, va_base=self._storage.va)
 
     # -- waiting and readback ------------------------------------------------------
@@ -254,13 +291,13 @@ class Tensor:
         return self._wait().__await__()
 
     async def _wait(self) -> Tensor:
-        self._storage.runtime._check(self, "await")
+        self._backend.check_tensor(self, "await")
         await self._storage.ready
         return self
 
     def numpy(self) -> SimFuture[npt.NDArray[Any]]:
         """Queue a readback; ``await t.numpy()`` returns a new numpy array."""
-        return self._storage.runtime._read(self)
+        return self._backend.read_tensor(self)
 
     def item(self) -> Awaitable[int | float]:
         """``await t.item()``: the value of a one-element tensor as a Python number."""
@@ -278,52 +315,52 @@ class Tensor:
     # -- operations -------------------------------------------------------------------
 
     def __add__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("add", self, other)
+        return self._backend.binary_op("add", self, other)
 
     def __radd__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("add", other, self)
+        return self._backend.binary_op("add", other, self)
 
     def __sub__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("sub", self, other)
+        return self._backend.binary_op("sub", self, other)
 
     def __rsub__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("sub", other, self)
+        return self._backend.binary_op("sub", other, self)
 
     def __mul__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("mul", self, other)
+        return self._backend.binary_op("mul", self, other)
 
     def __rmul__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("mul", other, self)
+        return self._backend.binary_op("mul", other, self)
 
     def __truediv__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("div", self, other)
+        return self._backend.binary_op("div", self, other)
 
     def __rtruediv__(self, other: object) -> Tensor:
-        return self._storage.runtime._binary("div", other, self)
+        return self._backend.binary_op("div", other, self)
 
     def __neg__(self) -> Tensor:
-        return self._storage.runtime._neg(self)
+        return self._backend.neg_op(self)
 
     def __pos__(self) -> Tensor:
         return self
 
     def __matmul__(self, other: object) -> Tensor:
-        return self._storage.runtime._matmul(self, other)
+        return self._backend.matmul_op(self, other)
 
     def __rmatmul__(self, other: object) -> Tensor:
-        return self._storage.runtime._matmul(other, self)
+        return self._backend.matmul_op(other, self)
 
     def sum(self, dim: int | tuple[int, ...] | None = None) -> Tensor:
         """Sum over ``dim`` (an int, a tuple, or None for every element) like ``numpy.sum``."""
-        return self._storage.runtime._sum(self, dim)
+        return self._backend.sum_op(self, dim)
 
     def clone(self) -> Tensor:
         """A copy with the same placement."""
-        return self._storage.runtime._copy(self, None, None, "clone")
+        return self._backend.copy_op(self, None, None, "clone")
 
     def to(self, policy: DPPolicy | None = None, *, dtype: Any = None) -> Tensor:
         """A copy redistributed to ``policy`` and/or cast to ``dtype`` (the data moves device-side)."""
-        return self._storage.runtime._copy(self, policy, dtype, "to")
+        return self._backend.copy_op(self, policy, dtype, "to")
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -334,7 +371,7 @@ class Tensor:
         :class:`~kbus.TensorFreedError`.
         """
         self._finalizer.detach()
-        self._storage.runtime._free_storage(self._storage, "free()")
+        self._backend.free_storage(self._storage, "free()")
 
     def __enter__(self) -> Tensor:
         return self
@@ -409,7 +446,7 @@ def _collect(rt_ref: weakref.ref[Runtime], storage: _Storage) -> None:
     rt = rt_ref()
     if rt is None or storage.freed is not None:
         return
-    rt._schedule_collect(storage)
+    rt.schedule_collect(storage)
 
 
 def check_freed(t: Tensor, what: str) -> None:
