@@ -17,7 +17,23 @@ def run(main: Callable[..., Coroutine[Any, Any, T]] | Coroutine[Any, Any, T], *a
 
     Uses uvloop when ``use_uvloop`` is true and uvloop is installed, otherwise
     the default asyncio loop. Virtual time behaves identically on both.
+
+    It starts a loop, so it cannot be called from code already running on one
+    (a notebook cell, an async test, another coroutine): there, ``await
+    main()`` directly.
     """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None:
+        name = getattr(main, "__qualname__", None) or type(main).__name__
+        if inspect.iscoroutine(main):
+            main.close()  # never started: no "was never awaited" warning on top of this error
+        raise RuntimeError(
+            f"kbus.run({name}) was called inside a running event loop; it starts a loop of its own. "
+            f"In async code (a notebook, an async test, a coroutine) write `await {name.split('.')[-1]}()` instead"
+        )
     coro: Coroutine[Any, Any, T]
     if inspect.iscoroutine(main):
         if args:

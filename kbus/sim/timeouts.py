@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -48,6 +49,22 @@ from .engine import Sim, SimTask, TimerHandle
 from .units import format_time, parse_time
 
 __all__ = ["TimeoutScope", "fail_after", "move_on_after"]
+
+
+_KBUS_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def _without_kbus_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without the frames of kbus's own modules (a new chain; frames are shared)."""
+    kept = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_KBUS_DIR):
+            kept.append(tb)
+        tb = tb.tb_next
+    out: TracebackType | None = None
+    for t in reversed(kept):
+        out = TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
 
 
 class _HasSim(Protocol):
@@ -185,6 +202,7 @@ class TimeoutScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        __tracebackhide__ = True  # pytest: the user's own lines come first in a timeout's traceback
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -203,7 +221,10 @@ class TimeoutScope:
             err = TimeoutError(self._message())
             if self.blocked_at_expiry:
                 err.add_note(_blocked_note(self.blocked_at_expiry))
-            raise err from exc
+            # The cause says where the block was when the deadline hit; kbus's own frames
+            # (the engine's park, an inbox) say nothing to the reader, so only theirs stay.
+            assert exc is not None
+            raise err from exc.with_traceback(_without_kbus_frames(exc.__traceback__))
         return True
 
     async def __aenter__(self) -> TimeoutScope:
@@ -215,6 +236,7 @@ class TimeoutScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        __tracebackhide__ = True
         return self.__exit__(exc_type, exc, tb)
 
     # ------------------------------------------------------------- internals

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 
 import pytest
 
@@ -332,6 +334,21 @@ def test_kbus_run_on_both_loops() -> None:
     assert kbus.run(main, use_uvloop=False) == ns(3)
     with pytest.raises(TypeError):
         kbus.run(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_kbus_run_inside_a_running_loop_says_to_await_instead() -> None:
+    async def main() -> None:
+        pass
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=r"kbus.run\(.*main\) was called inside a running"):
+            kbus.run(main)
+        with pytest.raises(RuntimeError, match=r"write `await main\(\)` instead"):
+            kbus.run(main())  # a coroutine object: closed, so no "never awaited" warning either
+        gc.collect()
+    assert [str(w.message) for w in record] == []
 
 
 @pytest.mark.asyncio
