@@ -71,17 +71,35 @@ class MemoryStats:
     """Frees whose unmap is still queued or in flight."""
 
     def __str__(self) -> str:
-        busy = [m for m in self.per_pe.values() if m.used]
+        """A summary that stays a few lines on 4,096 PEs; :meth:`details` lists every PE."""
         lines = [
             f"{self.live_tensors} live tensor(s); {format_bytes(self.used)} used, {format_bytes(self.free)} free "
             f"on {len(self.per_pe)} PE(s); VA {format_bytes(self.va_used)} used; {self.pending_frees} pending free(s)"
         ]
+        busy = [m for m in self.per_pe.values() if m.used]
+        if busy:
+            used = sorted(m.used for m in self.per_pe.values())
+            top = max(busy, key=lambda m: m.used)
+            lines.append(
+                f"  per PE: min {format_bytes(used[0])}, median {format_bytes(used[len(used) // 2])}, "
+                f"max {format_bytes(top.used)} ({_pe_name(top.coord)}); {len(busy)} of {len(used)} PE(s) "
+                "hold memory (details(): one line per PE)"
+            )
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """The summary, then one line per PE that holds memory."""
+        lines = [str(self).split("\n")[0]]
         lines += [
-            f"  sip{m.coord[0]}.cube{m.coord[1]}.pe{m.coord[2]}: hbm {format_bytes(m.hbm_used)}, "
-            f"sram {format_bytes(m.sram_used)}"
-            for m in busy
+            f"  {_pe_name(m.coord)}: hbm {format_bytes(m.hbm_used)}, sram {format_bytes(m.sram_used)}"
+            for m in self.per_pe.values()
+            if m.used
         ]
         return "\n".join(lines)
+
+
+def _pe_name(coord: Coord) -> str:
+    return "sip{}.cube{}.pe{}".format(*coord)
 
 
 @attrs.define

@@ -202,3 +202,17 @@ async def test_pending_work_at_close_still_completes() -> None:
             out = out + 1
         fut = out.numpy()
     np.testing.assert_array_equal(fut.result(), np.arange(64, dtype=np.float32) + 5)
+
+
+@pytest.mark.asyncio
+async def test_memory_stats_print_a_summary_and_details_on_request() -> None:
+    async with kbus.open_device("default") as torch:
+        t = torch.zeros(64 * 1024, dtype=np.float32)  # sharded over every PE
+        await t
+        stats = torch.memory_stats()
+        summary = str(stats).splitlines()
+        assert len(summary) == 2 and "per PE: min" in summary[1] and f"of {torch.config.num_pes} PE(s)" in summary[1]
+        details = stats.details().splitlines()
+        assert len(details) == 1 + sum(1 for m in stats.per_pe.values() if m.used) and len(details) > 8
+        assert details[1].startswith("  sip0.cube0.pe0: hbm ")
+        t.free()
