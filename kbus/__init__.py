@@ -20,6 +20,7 @@ from .lang import kernel
 from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
+from .sweep import SweepError, sweep
 from .trace import TraceError
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "Runtime",
     "Shard",
     "Sim",
+    "SweepError",
     "SimFuture",
     "SimTask",
     "Tensor",
@@ -59,5 +61,6 @@ __all__ = [
     "parse_time",
     "ps",
     "run",
+    "sweep",
     "us",
 ]
