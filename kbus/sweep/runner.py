@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,7 +44,7 @@ from .workload import Workload, load_workload
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["OnResult", "run_point", "sweep"]
+__all__ = ["OnResult", "dask_setup", "run_point", "sweep"]
 
 OnResult = Callable[[PointResult, int, int], None]
 """Called in the submitting process as each point finishes: ``(result, done, total)``."""
@@ -148,13 +149,28 @@ def _local_client(workers: int | None) -> Iterator[Client]:
     if n < 1:
         raise SweepError(f"workers={n}: need at least one worker process (or 0 to run serially in this process)")
     cluster = dd.LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        preload=[__name__],  # runs dask_setup below in each worker process
     )
     try:
         with dd.Client(cluster) as client:
             yield client
     finally:
         cluster.close()
+
+
+def dask_setup(worker: object) -> None:
+    """Dask preload hook of the local cluster's workers: ignore SIGINT.
+
+    Ctrl-C on a terminal reaches the whole process group. The submitting
+    process handles it (cancels the remaining points, then closes the
+    cluster); workers that also stopped on it would only print tracebacks.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_dask(
