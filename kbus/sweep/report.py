@@ -133,6 +133,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; font-size: 12px; }}
 th, td {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 tr.failed td {{ background: #fde8e8; }}
+td:last-child {{ text-align: left; max-width: 40em; }}
 </style>
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
