@@ -14,6 +14,8 @@ Why these choices:
   scheduler's ``allowed-failures``); ``retries`` covers transient task errors
   such as an unpicklable result. A point Dask finally gives up on is recorded
   with Dask's reason, never dropped.
+* Points travel in batches (:func:`batch_size`) so that tiny points are not
+  limited by the scheduler's per-task cost.
 * Results are collected as they finish and sorted by grid index, so the table
   does not depend on which worker ran what. Each point builds its own device
   on its own loop, which is why the same point gives the same virtual times on
@@ -44,7 +46,7 @@ from .workload import Workload, load_workload
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["OnResult", "dask_setup", "run_point", "sweep"]
+__all__ = ["OnResult", "batch_size", "dask_setup", "run_point", "run_points", "sweep"]
 
 OnResult = Callable[[PointResult, int, int], None]
 """Called in the submitting process as each point finishes: ``(result, done, total)``."""
@@ -173,6 +175,25 @@ def dask_setup(worker: object) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def run_points(
+    workload: Workload, base: DeviceConfig, points: Sequence[tuple[int, Mapping[str, Value]]]
+) -> list[PointResult]:
+    """Run a batch of points in order (one Dask task; see :func:`batch_size`)."""
+    return [run_point(workload, base, i, values) for i, values in points]
+
+
+def batch_size(points: int, workers: int) -> int:
+    """Points per Dask task: about 16 tasks per worker, never fewer than one point.
+
+    A task costs the scheduler about a millisecond whatever it does, which is
+    as long as a tiny point takes; batching keeps 1,000 tiny points from
+    being limited by the scheduler, while 16 tasks per worker still balance
+    points of uneven cost. A worker lost mid-batch costs a re-run of that batch
+    only, and points are deterministic, so the re-run gives the same records.
+    """
+    return max(1, points // (max(1, workers) * 16))
+
+
 def _run_dask(
     client: Any,
     workload: Workload,
@@ -187,21 +208,31 @@ def _run_dask(
     # Shipped once per worker, not once per point.
     wl_future = client.scatter(workload, broadcast=True, hash=False)
     base_future = client.scatter(base, broadcast=True, hash=False)
-    futures: dict[Any, tuple[int, dict[str, Value]]] = {}
-    for i, values in enumerate(points):
+    indexed = list(enumerate(points))
+    size = batch_size(len(indexed), len(client.scheduler_info().get("workers", {})))
+    futures: dict[Any, list[tuple[int, dict[str, Value]]]] = {}
+    for start in range(0, len(indexed), size):
+        batch = indexed[start : start + size]
         fut = client.submit(
-            run_point, wl_future, base_future, i, values, key=f"kbus-sweep-{token}-{i}", pure=False, retries=retries
+            run_points,
+            wl_future,
+            base_future,
+            batch,
+            key=f"kbus-sweep-{token}-{start}",
+            pure=False,
+            retries=retries,
         )
-        futures[fut] = (i, values)
+        futures[fut] = batch
     pending = set(futures)
     try:
         for fut in as_completed(list(futures)):
             pending.discard(fut)
-            index, values = futures[fut]
             if fut.status == "finished":
-                record(fut.result())
+                for result in fut.result():
+                    record(result)
             else:
-                record(_lost(fut, index, values, workload))
+                for index, values in futures[fut]:
+                    record(_lost(fut, index, values, workload))
     except BaseException:
         client.cancel(list(pending), force=True)
         raise

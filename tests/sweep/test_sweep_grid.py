@@ -69,3 +69,12 @@ def test_grid_from_sets_refuses_a_key_given_twice_and_an_empty_sweep() -> None:
         grid_from_sets(["a.b=1", "a.b=2"], zipped=False)
     with pytest.raises(SweepError, match="nothing to sweep"):
         grid_from_sets([], zipped=False)
+
+
+def test_batches_give_each_worker_about_sixteen_tasks_and_never_zero_points() -> None:
+    from kbus.sweep.runner import batch_size
+
+    assert batch_size(16, 2) == 1
+    assert batch_size(1000, 2) == 31
+    assert batch_size(1000, 0) == 62  # no worker known yet: count one
+    assert batch_size(3, 100) == 1
