@@ -46,3 +46,19 @@ def write(tmp_path: Path, source: str, name: str = "workload.py") -> Path:
     path = tmp_path / name
     path.write_text(source, encoding="utf-8")
     return path
+
+
+EMPTY = """
+async def workload(torch):
+    return {"pes": torch.device.config.num_pes}
+"""
+
+# Takes its worker process down at one point: only Dask can report that point.
+KILLS_ITS_WORKER = """
+import os
+
+async def workload(torch):
+    if torch.device.config.topology.cubes_per_sip == 2:
+        os._exit(3)
+    return {"ok": True}
+"""

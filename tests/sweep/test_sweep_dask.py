@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sweep_workloads import GATHER, SLOW, write
+from sweep_workloads import EMPTY, GATHER, KILLS_ITS_WORKER, SLOW, write
 
 from kbus.sweep import PointResult, sweep
+from kbus.sweep.runner import batch_size
 
 distributed = pytest.importorskip("distributed")
 
@@ -93,3 +94,26 @@ def test_cli_submits_to_an_existing_scheduler(tmp_path: Path, client: Any, capsy
         return [",".join(c for i, c in enumerate(line.split(",")) if i != wall) for line in lines]
 
     assert table(remote) == table(local) and len(table(remote)) == 5
+
+
+def test_batched_points_give_the_serial_table(tmp_path: Path, client: Any) -> None:
+    path = write(tmp_path, EMPTY)
+    grid = {"links.noc_pe.latency": [f"{i}ps" for i in range(1, 71)], "topology.cubes_per_sip": [1]}
+    assert batch_size(70, 2) == 2  # so this sweep really runs several points per task
+    parallel = sweep(path, grid, base="tiny", client=client)
+    serial = sweep(path, grid, base="tiny", workers=0)
+    assert len(parallel) == 70 and list(parallel) == list(serial) and not parallel.failed
+
+
+def test_a_point_that_always_kills_its_worker_is_recorded_not_lost(tmp_path: Path) -> None:
+    import dask
+
+    path = write(tmp_path, KILLS_ITS_WORKER)
+    # Give up after the first death rather than Dask's default three, to keep the test short.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        results = sweep(path, {"topology.cubes_per_sip": [1, 2, 3]}, base="tiny", workers=2)
+    assert [r.index for r in results] == [0, 1, 2]
+    assert results[0].ok and results[2].ok
+    err = results[1].error or ""
+    assert "dask could not run" in err and "point 1" in err and "topology.cubes_per_sip=2" in err
+    assert "KilledWorker" in err and str(path) in err
