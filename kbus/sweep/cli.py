@@ -7,7 +7,6 @@ and its logic is importable and testable without a subprocess.
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
 from rich.console import Console
@@ -18,7 +17,7 @@ from .errors import SweepError, SweepInterrupted
 from .grid import Grid, Value
 from .report import write_report
 from .results import SweepResults
-from .runner import sweep
+from .runner import import_distributed, sweep
 
 __all__ = ["grid_from_sets", "run_sweep_command"]
 
@@ -80,7 +79,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.scheduler:
         if args.workers is not None:
             raise SweepError("--workers applies to the local cluster; the cluster at --scheduler has its own")
-        client = importlib.import_module("distributed").Client(args.scheduler)
+        client = import_distributed().Client(args.scheduler)
     try:
         results = sweep(args.workload, grid, base=args.config, client=client, workers=args.workers, progress=True)
     except SweepInterrupted as stop:

@@ -143,10 +143,20 @@ def sweep(
     return results()
 
 
+def import_distributed() -> Any:
+    """The ``distributed`` module (typed as Any: its API is mostly unannotated), or a clear error."""
+    try:
+        return importlib.import_module("distributed")
+    except ImportError:
+        raise SweepError(
+            "parallel sweeps need Dask: pip install 'kbus[sweep]' (or pass workers=0 / --workers 0 to run serially)"
+        ) from None
+
+
 @contextlib.contextmanager
 def _local_client(workers: int | None) -> Iterator[Client]:
     """A throw-away local cluster: worker processes (the simulation is pure Python, so threads would share a GIL)."""
-    dd: Any = importlib.import_module("distributed")  # typed as Any: distributed's API is mostly unannotated
+    dd: Any = import_distributed()
     n = workers if workers is not None else (os.cpu_count() or 1)
     if n < 1:
         raise SweepError(f"workers={n}: need at least one worker process (or 0 to run serially in this process)")
@@ -202,7 +212,7 @@ def _run_dask(
     retries: int,
     record: Callable[[PointResult], None],
 ) -> None:
-    as_completed: Any = importlib.import_module("distributed").as_completed
+    as_completed: Any = import_distributed().as_completed
 
     token = uuid.uuid4().hex[:12]
     # Shipped once per worker, not once per point.
