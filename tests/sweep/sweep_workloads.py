@@ -62,3 +62,19 @@ async def workload(torch):
         os._exit(3)
     return {"ok": True}
 """
+
+
+def slow_with_marker(marker_dir: str) -> str:
+    """SLOW, plus a file per started point in ``marker_dir`` (so a test knows points are running)."""
+    return f"""
+import os
+import time
+import numpy as np
+
+async def workload(torch):
+    open(os.path.join({marker_dir!r}, f"started-{{os.getpid()}}-{{time.monotonic_ns()}}"), "w").close()
+    time.sleep(0.4)
+    x = torch.tensor(np.ones((32, 64), np.float32))
+    total = await x.sum(dim=1).numpy()
+    return {{"total": float(total.sum())}}
+"""

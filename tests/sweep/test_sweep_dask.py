@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sweep_workloads import EMPTY, GATHER, KILLS_ITS_WORKER, SLOW, write
+from sweep_workloads import EMPTY, GATHER, KILLS_ITS_WORKER, SLOW, slow_with_marker, write
 
 from kbus.sweep import PointResult, sweep
 from kbus.sweep.runner import batch_size
@@ -117,3 +120,54 @@ def test_a_point_that_always_kills_its_worker_is_recorded_not_lost(tmp_path: Pat
     err = results[1].error or ""
     assert "dask could not run" in err and "point 1" in err and "topology.cubes_per_sip=2" in err
     assert "KilledWorker" in err and str(path) in err
+
+
+def test_interrupt_cancels_the_remaining_points_and_keeps_the_finished(tmp_path: Path, client: Any) -> None:
+    from kbus.sweep import SweepInterrupted
+
+    path = write(tmp_path, SLOW)
+    grid = {"topology.cubes_per_sip": list(range(1, 13))}
+
+    def interrupt_after_two(result: PointResult, done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(SweepInterrupted) as info:
+        sweep(path, grid, base="tiny", client=client, on_result=interrupt_after_two)
+    stop = info.value
+    assert len(stop.results) == 2 and stop.cancelled == 10 and all(r.ok for r in stop.results)
+    # Nothing of the sweep is left on the cluster: its tasks were cancelled, not left running.
+    deadline = time.monotonic() + 30
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(client.processing().values()), client.processing()
+
+
+def test_ctrl_c_on_the_command_line_exits_130_and_writes_what_finished(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it."""
+    markers = tmp_path / "started"
+    markers.mkdir()
+    path = write(tmp_path, slow_with_marker(str(markers)))
+    out = tmp_path / "partial.csv"
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "kbus", "sweep", str(path), "--config", "tiny", "--workers", "2", "--out", str(out)]
+    cmd += ["--set", "topology.cubes_per_sip=" + ",".join(str(i) for i in range(1, 41))]
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(markers.iterdir())) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted:" in stdout and "points cancelled" in stdout, stdout
+    assert "Traceback" not in stderr, stderr
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert 1 <= len(rows) - 1 < 40  # the header, then only the points that finished
