@@ -31,6 +31,7 @@ import importlib
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -160,19 +161,41 @@ def _local_client(workers: int | None) -> Iterator[Client]:
     n = workers if workers is not None else (os.cpu_count() or 1)
     if n < 1:
         raise SweepError(f"workers={n}: need at least one worker process (or 0 to run serially in this process)")
-    cluster = dd.LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-        preload=[__name__],  # runs dask_setup below in each worker process
-    )
+    with _sigint_ignored_while_spawning():
+        cluster = dd.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            preload=[__name__],  # runs dask_setup below in each worker process
+        )
     try:
         with dd.Client(cluster) as client:
             yield client
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored_while_spawning() -> Iterator[None]:
+    """Ignore SIGINT while the local cluster starts its worker processes.
+
+    An ignored signal stays ignored across ``exec``, and Python keeps it so,
+    which is the only way to keep a terminal's Ctrl-C from interrupting a
+    worker while it is still importing (before :func:`dask_setup` can run) and
+    filling the terminal with its traceback. The price: Ctrl-C during the
+    second or two of start-up is ignored; once points run it cancels them.
+    Only the main thread may change signal handling; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def dask_setup(worker: object) -> None:
