@@ -11,7 +11,9 @@ speed-up (serial wall time / cluster wall time):
    table equals the serial one (virtual times, utilisation, metrics, errors).
 2. **1,000 tiny points** (a workload that only opens and closes a device),
    reported in points per second, to show whether Dask's scheduler, rather
-   than the simulations, limits throughput.
+   than the simulations, limits throughput: "workers busy" is the points' own
+   wall time summed over workers x the sweep's wall time (near 100 %: the
+   workers never waited for the scheduler).
 
 The cluster is started once and reused across rounds (its start-up time is
 shown on its own); each round submits the whole grid afresh, so scattering the
@@ -68,10 +70,15 @@ def timed(fn: Callable[[], SweepResults]) -> tuple[float, SweepResults]:
 
 
 def interleaved(
-    rounds: int, serial: Callable[[], SweepResults], cluster: Callable[[], SweepResults]
-) -> tuple[list[float], list[float], SweepResults]:
-    """Run both ``rounds`` times, alternating which goes first; check identical tables every round."""
-    t_serial, t_cluster = [], []
+    rounds: int, serial: Callable[[], SweepResults], cluster: Callable[[], SweepResults], workers: int
+) -> tuple[list[float], list[float], list[float], SweepResults]:
+    """Run both ``rounds`` times, alternating which goes first; check identical tables every round.
+
+    Also returns, per cluster round, how busy the workers were: the points'
+    own wall times summed, over workers x the sweep's wall time. Near 1, the
+    workers never waited for the scheduler; well below 1, Dask was the limit.
+    """
+    t_serial, t_cluster, busy = [], [], []
     reference: SweepResults | None = None
     for i in range(rounds):
         order = [("serial", serial), ("cluster", cluster)]
@@ -80,12 +87,14 @@ def interleaved(
         for name, fn in order:
             wall, res = timed(fn)
             (t_serial if name == "serial" else t_cluster).append(wall)
+            if name == "cluster":
+                busy.append(sum(r.wall_s for r in res) / (workers * wall))
             if reference is None:
                 reference = res
             elif list(res) != list(reference):
                 raise SystemExit(f"round {i}: the {name} table differs from the first one")
     assert reference is not None
-    return t_serial, t_cluster, reference
+    return t_serial, t_cluster, busy, reference
 
 
 def spread(values: list[float]) -> str:
@@ -118,20 +127,22 @@ def main() -> None:
         sweep(here, {"topology.cubes_per_sip": [1]}, base="tiny", workers=0)
         sweep(here, {"topology.cubes_per_sip": [1, 2]}, base="tiny", client=client)
 
-        s16, c16, ref16 = interleaved(
+        s16, c16, b16, ref16 = interleaved(
             args.rounds,
             lambda: sweep(here, GRID_16, base="tiny", workers=0),
             lambda: sweep(here, GRID_16, base="tiny", client=client),
+            args.workers,
         )
         if ref16.failed:
             raise SystemExit(f"points failed: {[r.error for r in ref16.failed]}")
         ratio16 = [s / c for s, c in zip(s16, c16, strict=True)]
 
         grid = tiny_grid(args.tiny_points)
-        st, ct, ref_t = interleaved(
+        st, ct, bt, ref_t = interleaved(
             args.tiny_rounds,
             lambda: sweep(TINY, grid, base="tiny", workers=0),
             lambda: sweep(TINY, grid, base="tiny", client=client),
+            args.workers,
         )
         if ref_t.failed or len(ref_t) != args.tiny_points:
             raise SystemExit("the throughput run lost or failed points")
@@ -145,7 +156,7 @@ def main() -> None:
         title=f"kbus sweep: local Dask cluster ({args.workers} workers) vs serial, interleaved "
         f"(cluster start-up {startup:.1f} s, not counted)"
     )
-    columns = ["run", "points", "serial median", "cluster median", "serial pts/s", "cluster pts/s"]
+    columns = ["run", "points", "serial median", "cluster median", "serial pts/s", "cluster pts/s", "workers busy"]
     for c in [*columns, "speed-up min/med/max"]:
         table.add_column(c, justify="left" if c == "run" else "right")
     for row in [
@@ -156,6 +167,7 @@ def main() -> None:
             f"{statistics.median(c16):.2f} s",
             f"{n16 / statistics.median(s16):.1f}",
             f"{n16 / statistics.median(c16):.1f}",
+            f"{statistics.median(b16):.0%}",
             spread(ratio16),
         ],
         [
@@ -165,6 +177,7 @@ def main() -> None:
             f"{statistics.median(ct):.2f} s",
             f"{len(ref_t) / statistics.median(st):.0f}",
             f"{len(ref_t) / statistics.median(ct):.0f}",
+            f"{statistics.median(bt):.0%}",
             spread(ratio_t),
         ],
     ]:
