@@ -20,7 +20,7 @@ from .lang import kernel
 from .runtime import MemoryLeakError, Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
-from .sweep import SweepError, sweep
+from .sweep import SweepError, SweepInterrupted, WorkloadError, sweep
 from .trace import TraceError
 
 __version__ = "0.1.0"
@@ -46,9 +46,11 @@ __all__ = [
     "SimFuture",
     "SimTask",
     "SweepError",
+    "SweepInterrupted",
     "Tensor",
     "TensorFreedError",
     "TraceError",
+    "WorkloadError",
     "__version__",
     "fail_after",
     "format_time",

@@ -110,6 +110,8 @@ def sweep(
     with an ETA on the terminal. A synchronous call: do not call it from a
     running event loop (each point runs its own).
     """
+    if client is not None and workers is not None:
+        raise SweepError(f"workers={workers} applies to a local cluster; the client's cluster has its own workers")
     wl = load_workload(workload)
     points = _as_grid(grid)
     base_cfg = DeviceConfig.load(base)

@@ -211,3 +211,15 @@ def test_a_workload_object_is_accepted_and_exported_from_kbus(tmp_path: Path) ->
     wl = PythonWorkload(GATHER, name="inline.py")
     results = kbus.sweep(wl, {"topology.cubes_per_sip": [1]}, base="tiny", workers=0)
     assert results[0].ok and results[0].metrics["pes"] == 4
+
+
+def test_workers_and_a_client_together_are_refused(tmp_path: Path) -> None:
+    from kbus import SweepError
+
+    with pytest.raises(SweepError, match="workers=2 applies to a local cluster"):
+        sweep(write(tmp_path, GATHER), GRID, base="tiny", client=object(), workers=2)  # type: ignore[arg-type]
+
+
+def test_sweep_exceptions_are_exported_from_kbus() -> None:
+    assert issubclass(kbus.WorkloadError, kbus.SweepError) and issubclass(kbus.SweepError, kbus.KbusError)
+    assert issubclass(kbus.SweepInterrupted, KeyboardInterrupt)
