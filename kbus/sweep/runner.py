@@ -169,7 +169,8 @@ def _local_client(workers: int | None) -> Iterator[Client]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            silence_logs=logging.ERROR,
+            # Quiet: shutdown races log harmless errors, and every point's fate is in the table anyway.
+            silence_logs=logging.CRITICAL,
             preload=[__name__],  # runs dask_setup below in each worker process
         )
     try:

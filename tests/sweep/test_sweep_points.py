@@ -223,3 +223,19 @@ def test_workers_and_a_client_together_are_refused(tmp_path: Path) -> None:
 def test_sweep_exceptions_are_exported_from_kbus() -> None:
     assert issubclass(kbus.WorkloadError, kbus.SweepError) and issubclass(kbus.SweepError, kbus.KbusError)
     assert issubclass(kbus.SweepInterrupted, KeyboardInterrupt)
+
+
+def test_report_edge_cases_one_key_and_all_failed(tmp_path: Path) -> None:
+    from kbus.sweep import write_report
+
+    one = sweep(write(tmp_path, GATHER), {"topology.cubes_per_sip": [1, 2]}, base="tiny", workers=0)
+    write_report(one, tmp_path / "one.html")
+    page = (tmp_path / "one.html").read_text(encoding="utf-8")
+    assert 'id="time-vs-topology.cubes_per_sip"' in page and 'id="utilisation"' in page
+    assert page.count("<tr>") + page.count('<tr class="failed">') == 3  # header + 2 points
+
+    bad = sweep(write(tmp_path, GATHER), {"topology.cubes_per_sip": ["x", "y"]}, base="tiny", workers=0)
+    write_report(bad, tmp_path / "bad.html")
+    page = (tmp_path / "bad.html").read_text(encoding="utf-8")
+    assert "2 points, 2 failed" in page and 'id="utilisation"' not in page
+    assert page.count('<tr class="failed">') == 2 and "topology.cubes_per_sip: expected an integer" in page

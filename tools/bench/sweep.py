@@ -117,7 +117,7 @@ def main() -> None:
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,
     )
     client = Client(cluster)
     startup = time.perf_counter() - t0
