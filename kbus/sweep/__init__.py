@@ -11,7 +11,15 @@ from .grid import Grid, Value, parse_set, parse_value
 from .report import write_report
 from .results import PointResult, SweepResults
 from .runner import OnResult, run_point, sweep
-from .workload import Measurement, MetricValue, PythonWorkload, Workload, load_workload, utilisation_peaks
+from .workload import (
+    Measurement,
+    MetricValue,
+    PythonWorkload,
+    RequestLatencies,
+    Workload,
+    load_workload,
+    utilisation_peaks,
+)
 
 __all__ = [
     "Grid",
@@ -20,6 +28,7 @@ __all__ = [
     "OnResult",
     "PointResult",
     "PythonWorkload",
+    "RequestLatencies",
     "SweepError",
     "SweepInterrupted",
     "SweepResults",

@@ -38,6 +38,8 @@ class PointResult:
     """Peak utilisation per resource (``link.<level>``, ``block.<KIND>``)."""
     metrics: dict[str, MetricValue] = attrs.field(factory=dict)
     """What the workload returned."""
+    latency: dict[str, int] = attrs.field(factory=dict)
+    """Host request latencies by kind (``<Kind>.count``, ``.total_ps``, ``.p50_ps``, ``.p99_ps``)."""
     error: str | None = None
     """Why the point failed, naming its values and the workload; None when it ran."""
     wall_s: float = attrs.field(default=0.0, eq=False)
@@ -78,9 +80,10 @@ class SweepResults(Sequence[PointResult]):
         return tuple(r for r in self.records if not r.ok)
 
     def columns(self) -> list[str]:
-        """Column names: index, the swept keys, virtual time, metrics, utilisation, wall time, error."""
+        """Column names: index, the swept keys, virtual time, metrics, utilisation, latencies, wall time, error."""
         metrics = sorted({k for r in self.records for k in r.metrics})
         util = sorted({k for r in self.records for k in r.utilisation})
+        latency = sorted({k for r in self.records for k in r.latency})
         return [
             "index",
             *self.keys,
@@ -88,6 +91,7 @@ class SweepResults(Sequence[PointResult]):
             "virtual_time",
             *(f"metric.{m}" for m in metrics),
             *(f"util.{u}" for u in util),
+            *(f"latency.{k}" for k in latency),
             "wall_s",
             "error",
         ]
@@ -101,6 +105,7 @@ class SweepResults(Sequence[PointResult]):
             row["virtual_time"] = None if r.virtual_time_ps is None else format_time(r.virtual_time_ps)
             row.update({f"metric.{k}": v for k, v in r.metrics.items()})
             row.update({f"util.{k}": v for k, v in r.utilisation.items()})
+            row.update({f"latency.{k}": v for k, v in r.latency.items()})
             row["wall_s"] = round(r.wall_s, 6)
             row["error"] = r.error
             out.append(row)

@@ -77,7 +77,9 @@ def run_point(workload: Workload, base: DeviceConfig, index: int, values: Mappin
             error=f"workload {workload.name} failed at point {index} ({label}): {workload.describe_error(exc)}",
             wall_s=time.perf_counter() - t0,
         )
-    return PointResult(index, values, m.virtual_time_ps, m.utilisation, m.metrics, wall_s=time.perf_counter() - t0)
+    return PointResult(
+        index, values, m.virtual_time_ps, m.utilisation, m.metrics, m.latency, wall_s=time.perf_counter() - t0
+    )
 
 
 def _as_grid(grid: Grid | Mapping[str, Sequence[Value]]) -> Grid:

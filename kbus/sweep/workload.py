@@ -37,7 +37,15 @@ from ..runtime import Runtime, open_device
 from ..sim.runner import run as kbus_run
 from .errors import WorkloadError
 
-__all__ = ["Measurement", "MetricValue", "PythonWorkload", "Workload", "load_workload", "utilisation_peaks"]
+__all__ = [
+    "Measurement",
+    "MetricValue",
+    "PythonWorkload",
+    "RequestLatencies",
+    "Workload",
+    "load_workload",
+    "utilisation_peaks",
+]
 
 MetricValue = int | float | str | bool | None
 """A value a workload may report: what a CSV cell can hold."""
@@ -55,6 +63,8 @@ class Measurement:
     """Peak utilisation per resource: ``link.<level>`` and ``block.<KIND>`` (0..1)."""
     metrics: dict[str, MetricValue]
     """What the workload returned."""
+    latency: dict[str, int] = attrs.field(factory=dict)
+    """Host request latencies per message kind: ``<Kind>.count``, ``.total_ps``, ``.p50_ps``, ``.p99_ps``."""
 
 
 class Workload(abc.ABC):
@@ -131,9 +141,10 @@ class PythonWorkload(Workload):
 
     async def _simulate(self, config: DeviceConfig, fn: WorkloadFn) -> Measurement:
         async with open_device(config) as torch:
+            latencies = RequestLatencies.attach(torch.device)
             returned = await fn(torch)
         # Read after closing: closing waits for queued work, which belongs to the run.
-        return Measurement(torch.now_ps, utilisation_peaks(torch.device), self._metrics(returned))
+        return Measurement(torch.now_ps, utilisation_peaks(torch.device), self._metrics(returned), latencies.summary())
 
     def _metrics(self, returned: object) -> dict[str, MetricValue]:
         if returned is None:
@@ -189,6 +200,53 @@ def utilisation_peaks(device: Any) -> dict[str, float]:
                 name = f"block.{kind}"
                 out[name] = max(out.get(name, 0.0), float(value))
     return dict(sorted(out.items()))
+
+
+class RequestLatencies:
+    """Virtual-time latency of every host request, by message kind, from the device's ``on_request`` hook.
+
+    Attached after the device opened, so it measures the workload's requests
+    (and those of closing), not the runtime's set-up. A device without the
+    hook, or whose hook is taken, gives no latencies rather than an error:
+    they are an extra, not what a sweep stands on.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[Any, Any], list[int]] = {}
+        self.done: dict[str, list[int]] = {}
+
+    @classmethod
+    def attach(cls, device: Any) -> RequestLatencies:
+        rec = cls()
+        if hasattr(device, "on_request") and device.on_request is None:
+            device.on_request = rec.on_request
+        return rec
+
+    def on_request(self, phase: str, msg: Any, responses: Any, now_ps: int) -> None:
+        key = (getattr(msg, "correlation_id", None), getattr(msg, "request_id", None))
+        if phase == "begin":
+            self.open.setdefault(key, []).append(now_ps)
+            return
+        started = self.open.get(key)
+        if not started:
+            return  # began before the hook was attached
+        begin = started.pop(0)
+        if not started:
+            del self.open[key]
+        kind = getattr(msg, "msg_type", None) or type(msg).__name__
+        self.done.setdefault(str(kind), []).append(now_ps - begin)
+
+    def summary(self) -> dict[str, int]:
+        """Count, total and nearest-rank p50 / p99 per kind, in integer picoseconds."""
+        out: dict[str, int] = {}
+        for kind in sorted(self.done):
+            times = sorted(self.done[kind])
+            n = len(times)
+            out[f"{kind}.count"] = n
+            out[f"{kind}.total_ps"] = sum(times)
+            out[f"{kind}.p50_ps"] = times[max(0, -(-50 * n // 100) - 1)]
+            out[f"{kind}.p99_ps"] = times[max(0, -(-99 * n // 100) - 1)]
+        return out
 
 
 RECORDING_SUFFIX = ".kbrec"

@@ -40,6 +40,13 @@ def test_a_point_records_time_utilisation_and_metrics(tmp_path: Path) -> None:
     assert {"link.noc_hop", "link.host_pcie", "block.PCIE_EP", "block.PE_DMA"} <= set(r.utilisation)
     assert all(0.0 <= u <= 1.0 for u in r.utilisation.values()), r.utilisation
     assert r.utilisation["link.noc_hop"] > 0  # the gather crossed the NoC between the two cubes
+    # Per-kind request latencies: the workload wrote, launched kernels and read back.
+    kinds = {k.rsplit(".", 1)[0] for k in r.latency}
+    assert {"memory_write", "kernel_launch", "memory_read"} <= kinds, r.latency
+    for kind in kinds:
+        count, total = r.latency[f"{kind}.count"], r.latency[f"{kind}.total_ps"]
+        p50, p99 = r.latency[f"{kind}.p50_ps"], r.latency[f"{kind}.p99_ps"]
+        assert count >= 1 and 0 < p50 <= p99 <= total, (kind, r.latency)
     assert r.wall_s > 0
 
 
@@ -60,7 +67,7 @@ def test_the_same_point_gives_the_same_record_twice_and_the_config_matters(tmp_p
 
 
 def test_wall_time_is_not_part_of_equality() -> None:
-    a = PointResult(0, {"k.x": 1}, 5, {}, {}, None, wall_s=1.0)
+    a = PointResult(0, {"k.x": 1}, 5, {}, {}, {}, None, wall_s=1.0)
     assert a == attrs.evolve(a, wall_s=2.0)
     assert a != attrs.evolve(a, virtual_time_ps=6)
 
@@ -150,7 +157,8 @@ def test_csv_has_one_row_per_point_with_every_column(tmp_path: Path) -> None:
     assert len(rows) == 8
     cols = list(rows[0])
     assert cols[:4] == ["index", "links.noc_hop.bandwidth", "topology.cubes_per_sip", "links.noc_pe.latency"]
-    assert {"virtual_time_ps", "metric.checksum", "util.link.noc_hop", "wall_s", "error"} <= set(cols)
+    assert {"virtual_time_ps", "metric.checksum", "util.link.noc_hop", "latency.memory_read.p99_ps"} <= set(cols)
+    assert cols[-2:] == ["wall_s", "error"]
     for row, r in zip(rows, results, strict=True):
         assert row["index"] == str(r.index)
         assert row["virtual_time_ps"] == ("" if r.virtual_time_ps is None else str(r.virtual_time_ps))
@@ -179,6 +187,22 @@ def test_best_and_worst() -> None:
         ),
     )
     assert rs.best() is rs[1] and rs.worst() is rs[4] and rs.failed == (rs[2],)
+
+
+def test_latency_percentiles_are_nearest_rank() -> None:
+    from kbus.sweep import RequestLatencies
+
+    rec = RequestLatencies()
+    for i, t in enumerate([40, 10, 30, 20]):
+        msg = type("Msg", (), {"msg_type": "memory_read", "correlation_id": "c", "request_id": str(i)})()
+        rec.on_request("begin", msg, None, 100)
+        rec.on_request("end", msg, (), 100 + t)
+    assert rec.summary() == {
+        "memory_read.count": 4,
+        "memory_read.total_ps": 100,
+        "memory_read.p50_ps": 20,
+        "memory_read.p99_ps": 40,
+    }
 
 
 def test_utilisation_is_read_generically_and_tolerates_new_keys() -> None:
