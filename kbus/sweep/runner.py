@@ -108,9 +108,13 @@ def sweep(
     ``client`` is a ``dask.distributed.Client`` to submit to; without one a
     local cluster of ``workers`` processes is started for this sweep and
     closed after (default: one per core). ``workers=0`` runs every point in
-    this process, one after another, without Dask. ``progress`` shows a bar
-    with an ETA on the terminal. A synchronous call: do not call it from a
-    running event loop (each point runs its own).
+    this process, one after another, without Dask. ``retries`` is Dask's
+    per-task retry count for task errors (a lost worker is handled by the
+    scheduler's own re-runs). ``on_result(result, done, total)`` is called
+    here as each point finishes; ``progress`` shows a bar with an ETA on the
+    terminal. Ctrl-C raises :class:`SweepInterrupted` holding the finished
+    points. A synchronous call: do not call it from a running event loop
+    (each point runs its own).
     """
     if client is not None and workers is not None:
         raise SweepError(f"workers={workers} applies to a local cluster; the client's cluster has its own workers")
