@@ -11,9 +11,9 @@ What this shows, in order:
    cartesian product) on a local cluster of two worker processes and returns
    one record per point, in grid order: the values, the end-to-end virtual
    time, utilisation peaks, the workload's metrics, wall time, error if any;
-4. ``results.to_csv()`` gives the table; ``kbus.sweep.write_report`` (or
-   ``kbus sweep --report``) draws it. (``kbus.sweep`` the function shadows the
-   package's name on ``kbus``, so import from it: ``from kbus.sweep import ...``.)
+4. ``results.to_csv()`` gives the table; ``write_report`` (or ``kbus sweep
+   --report``) draws it. (On ``kbus``, the name ``sweep`` is the function, so
+   the package's other names come from ``from kbus.sweep import ...``.)
 
 The same sweep from the command line::
 
