@@ -22,6 +22,7 @@ from .lang import kernel
 from .runtime import Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
+from .sweep import SweepError, SweepInterrupted, WorkloadError, sweep
 from .trace import TraceError
 
 __version__ = "0.1.0"
@@ -47,9 +48,12 @@ __all__ = [
     "Sim",
     "SimFuture",
     "SimTask",
+    "SweepError",
+    "SweepInterrupted",
     "Tensor",
     "TensorFreedError",
     "TraceError",
+    "WorkloadError",
     "__version__",
     "build_device",
     "fail_after",
@@ -63,5 +67,6 @@ __all__ = [
     "parse_time",
     "ps",
     "run",
+    "sweep",
     "us",
 ]

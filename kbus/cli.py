@@ -93,6 +93,12 @@ def _cmd_trace_serve(args: argparse.Namespace) -> int:
     return serve_demo(_config_spec(args), host=args.host, port=args.port, repeat=args.repeat)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep.cli import run_sweep_command
+
+    return run_sweep_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kbus", description="A multi-chip AI accelerator emulated as an asyncio message bus."
@@ -129,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat", type=_count(0), default=0, help="run the demo workload N times (0 = until interrupted)"
     )
     ts.set_defaults(func=_cmd_trace_serve)
+
+    p = sub.add_parser("sweep", help="run a workload over a grid of device configs (locally or on a Dask cluster)")
+    p.add_argument("workload", metavar="WORKLOAD", help="Python file defining `async def workload(torch) -> dict`")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a dotted config key and its values, in the config's units (repeat for more keys)",
+    )
+    p.add_argument("--zip", action="store_true", help="pair the value lists instead of taking their product")
+    p.add_argument("--config", default="default", metavar="BASE", help="preset or TOML file every point starts from")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="submit to this Dask scheduler (tcp://...)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="local worker processes (default one per core; 0 = serial)"
+    )
+    p.add_argument("--out", default=None, metavar="CSV", help="write the results table as CSV")
+    p.add_argument("--report", default=None, metavar="HTML", help="write a self-contained HTML report with plots")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 
