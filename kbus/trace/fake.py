@@ -224,7 +224,7 @@ class FakeDevice:
                     0x1000,
                     4096 if kernel else getattr(msg, "nbytes", 0),
                     pattern=None if kernel else "zeros",
-                    src_pa=0 if kernel else None,
+                    src_addr=0 if kernel else None,
                 )
                 await b.send(link, cmd, noc.inbox, 64)
 
@@ -255,7 +255,7 @@ class FakeDevice:
                         "kernel", "fake_kernel", b.name, start, sim.now - start, {"correlation_id": msg.correlation_id}
                     )
             elif tracer is not None:
-                tracer.emit("mem", "alloc", b.name, sim.now, None, {"pa": msg.pa, "nbytes": msg.nbytes})
+                tracer.emit("mem", "alloc", b.name, sim.now, None, {"pa": msg.addr, "nbytes": msg.nbytes})
             await b.send(link, msg, dma.inbox, 64)
 
         return route
