@@ -58,7 +58,18 @@ from ..sim.units import S, format_bandwidth, format_time
 if TYPE_CHECKING:
     from ..sim import Inbox, Sim, SimFuture
 
-__all__ = ["MODELS", "Flow", "NetLink", "Network", "cube_edges", "cube_route", "ring_walk", "sip_edges"]
+__all__ = [
+    "MODELS",
+    "Flow",
+    "NetLink",
+    "Network",
+    "cube_edges",
+    "cube_route",
+    "draw",
+    "ring_walk",
+    "sip_edges",
+    "topology_text",
+]
 
 MODELS = ("flow", "packet")
 """The values ``fabric.model`` accepts."""
@@ -544,3 +555,66 @@ def sip_edges(kind: str, n: int) -> list[tuple[int, int]]:
     if kind == "ring":
         return _ring_edges(n)
     return [(a, b) for a in range(n) for b in range(a + 1, n)]
+
+
+def draw(kind: str, n: int, cols: int, label: str = "c") -> list[str]:
+    """Text lines drawing ``n`` nodes wired as ``kind`` (ring, mesh2d, torus2d, full), for ``kbus info``."""
+    name = [f"{label}{i}" for i in range(n)]
+    width = max(len(x) for x in name)
+    if n == 1:
+        return [name[0]]
+    if kind == "full":
+        return [" = ".join(name) + "  (a link pair between every two)"]
+    if kind == "ring":
+        if n == 2:
+            return [f"{name[0]} -- {name[1]}"]
+        return [" -- ".join(name) + f" -- back to {name[0]}"]
+    rows = n // cols
+    wrap = kind == "torus2d"
+    lines = []
+    for r in range(rows):
+        cells = [name[r * cols + c].ljust(width) for c in range(cols)]
+        row = " -- ".join(cells)
+        if wrap and cols > 2:
+            row = f"~ {row} ~"
+        elif wrap:
+            row = f"  {row}"
+        lines.append(row)
+        if r + 1 < rows:
+            pad = "  " if wrap else ""
+            lines.append(pad + "    ".join("|".ljust(width) for _ in range(cols)).rstrip())
+    if wrap and rows > 2:
+        lines.insert(0, "  " + "    ".join("~".ljust(width) for _ in range(cols)).rstrip())
+        lines.append("  " + "    ".join("~".ljust(width) for _ in range(cols)).rstrip())
+    if wrap and (rows > 2 or cols > 2):
+        lines.append("(~ wraps around to the other end of its row or column)")
+    return lines
+
+
+def topology_text(cfg: Any) -> str:
+    """The data network of ``cfg`` (a :class:`~kbus.hw.config.DeviceConfig`) drawn as text, for ``kbus info``."""
+    t, links, mem = cfg.topology, cfg.links, cfg.memory
+
+    def spec(level: str) -> str:
+        s = getattr(links, level)
+        return f"{format_time(s.latency)}, {format_bandwidth(s.bandwidth)}"
+
+    grid = f" {t.cubes_per_sip // t.cube_cols} x {t.cube_cols}" if t.cube_network != "ring" else ""
+    routing = "dimension-order routing (row first)" if t.cube_network != "ring" else "the short way round"
+    out = [f"data network of {cfg.name!r} (model: {cfg.fabric.model})"]
+    out.append(f"cubes of each SIP: {t.cube_network}{grid}, NOC links {spec('noc_hop')}, {routing}")
+    out += ["  " + line for line in draw(t.cube_network, t.cubes_per_sip, t.cube_cols, "cube")]
+    if t.sips > 1:
+        out.append(
+            f"SIPs: {t.sip_network}, data links {spec('sip_data')} between the cube0 NOCs "
+            f"(control stays on IO_CPU links, {spec('sip_sip')})"
+        )
+        out += ["  " + line for line in draw(t.sip_network, t.sips, 1, "sip")]
+    hbm_bw = mem.hbm_channels * mem.hbm_channel_bandwidth
+    out.append(f"each PE: NOC link {spec('noc_pe')}; DMA ports to SRAM {spec('dma_sram')} and HBM {spec('dma_hbm')}")
+    out.append(
+        f"memory: HBM per {mem.hbm_scope}, {mem.hbm_channels} x {format_bandwidth(mem.hbm_channel_bandwidth)} = "
+        f"{format_bandwidth(hbm_bw)} shared, {format_time(mem.hbm_latency)} access; "
+        f"SRAM per PE {format_bandwidth(mem.sram_bandwidth)}, {format_time(mem.sram_latency)} access"
+    )
+    return "\n".join(out)

@@ -314,3 +314,18 @@ def test_same_traffic_same_times_on_every_loop(model: str) -> None:
     assert a == all_to_all_fingerprint(model, "asyncio")
     assert a == all_to_all_fingerprint(model, "uvloop")
     assert a == all_to_all_fingerprint(model, "anyio")
+
+
+def test_kbus_info_draws_the_topology(capsys: pytest.CaptureFixture[str]) -> None:
+    from kbus.cli import main
+
+    assert main(["info", "--preset", "large"]) == 0
+    out = capsys.readouterr().out
+    assert "cubes of each SIP: torus2d 4 x 4" in out
+    assert "~ cube12 -- cube13 -- cube14 -- cube15 ~" in out
+    assert "sip0 -- sip1 -- sip2 -- sip3 -- sip4 -- sip5 -- sip6 -- sip7 -- back to sip0" in out
+    assert main(["info", "--preset", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "cube0 -- cube1 -- cube2 -- cube3 -- back to cube0" in out
+    assert "sip0 = sip1" in out
+    assert "HBM per cube, 8 x 100GB/s = 800GB/s shared" in out
