@@ -83,6 +83,8 @@ class Flow:
 
     __slots__ = (
         "ctx",
+        "ideal",
+        "latency",
         "links",
         "msg",
         "nbytes",
@@ -111,6 +113,8 @@ class Flow:
         self.timer: Any = None  # the armed completion callback (flow model)
         self.npk = 0  # packets (packet model)
         self.withdrawn = False
+        self.latency = 0  # sum of the route's latencies
+        self.ideal = 0  # ps the bytes take alone on the route (for the queueing statistics)
 
     def __repr__(self) -> str:
         route = " -> ".join(link.name for link in self.links)
@@ -126,6 +130,7 @@ class NetLink:
     """
 
     __slots__ = (
+        "_carrying",
         "_delays",
         "_held",
         "_stall_waiters",
@@ -173,6 +178,7 @@ class NetLink:
         self._held: deque[tuple[Any, Inbox[Any]]] = deque()
         self._stall_waiters: list[SimFuture[None]] = []
         self.stalled_on: str | None = None
+        self._carrying = f"link {name!r} carrying a message"
         self.on_send: Any = None
         """Hook ``on_send(link, msg, nbytes, start_ps, deliver_ps)`` for tracing; None costs nothing.
 
@@ -222,7 +228,7 @@ class NetLink:
             waiter: SimFuture[None] = sim.create_future(f"link {self.name!r} stalled on inbox {self.stalled_on!r}")
             self._stall_waiters.append(waiter)
             await waiter
-        sent: SimFuture[None] = sim.create_future(f"link {self.name!r} carrying {type(msg).__name__}")
+        sent: SimFuture[None] = sim.create_future(self._carrying)
         flow = self.net.start((self,), nbytes, self._sent, msg, (inbox, sent))
         try:
             await sent
@@ -283,32 +289,40 @@ class Network:
         now = sim.now
         flow = Flow(links, nbytes, on_end, msg, ctx, now)
         self.flows_started += 1
+        # One pass over the route (this is the per-message hot path): counters, latency, bottleneck.
+        lat = 0
+        rate = 0
+        contended = False
         for link in links:
             link.messages += 1
             link.bytes += nbytes
-        if nbytes <= 0 or not links:
-            self._drained(flow, now, now + sum(link.latency for link in links))
-            return flow
-        if self.model == "packet":
-            pb = self.packet_bytes
-            flow.npk = -(-nbytes // pb)
-            self._hop(flow, 0, 0, 0)
-            return flow
-        contended = False
-        for link in links:
+            lat += link.latency
+            bw = link.bandwidth
+            if not rate or bw < rate:
+                rate = bw
             if link.flows:
                 contended = True
+        flow.latency = lat
+        if nbytes <= 0 or not links:
+            self._drained(flow, now, now + lat)
+            return flow
+        remaining = flow.remaining
+        flow.ideal = -(-remaining // rate)
+        if self.model == "packet":
+            flow.npk = -(-nbytes // self.packet_bytes)
+            self._hop(flow, 0, 0, 0)
+            return flow
+        for link in links:
             link.flows[flow] = None
         if contended:
             self._reshare(links)
             return flow
         # Alone on its route: the bottleneck rate, no sharing to compute.
-        rate = min(link.bandwidth for link in links)
         for link in links:
             link.t_mark = now
             link.alloc = rate
         flow.rate = rate
-        flow.timer = sim.call_at(now - (-flow.remaining // rate), self._finish, flow)
+        flow.timer = sim.call_at(now + flow.ideal, self._finish, flow)
         return flow
 
     def withdraw(self, flow: Flow) -> None:
@@ -351,10 +365,7 @@ class Network:
                 busy.append(link)
         if busy:
             self._reshare(busy)
-        lat = 0
-        for link in flow.links:
-            lat += link.latency
-        self._drained(flow, now, now + lat)
+        self._drained(flow, now, now + flow.latency)
 
     def _reshare(self, seeds: Sequence[NetLink]) -> None:
         """Max-min fair rates for the flows connected to ``seeds``; re-arm the timers that changed."""
@@ -454,16 +465,13 @@ class Network:
     def _drained(self, flow: Flow, now: int, arrive: int) -> None:
         if flow.withdrawn:
             return
-        links = flow.links
-        if links:
-            ideal = -(-flow.nbytes * S // min(link.bandwidth for link in links)) if flow.nbytes > 0 else 0
-            delay = now - flow.start - ideal
-            if delay < 0:
-                delay = 0  # packet mode: a single hop's rounding
-            for link in links:
-                link._delays.append(delay)
-                if link.on_send is not None:
-                    link.on_send(link, flow.msg, flow.nbytes, flow.start, arrive)
+        delay = now - flow.start - flow.ideal
+        if delay < 0:
+            delay = 0  # packet mode: a single hop's rounding
+        for link in flow.links:
+            link._delays.append(delay)
+            if link.on_send is not None:
+                link.on_send(link, flow.msg, flow.nbytes, flow.start, arrive)
         flow.on_end(flow, arrive)
 
     async def transfer(self, links: Sequence[NetLink], nbytes: int, what: str = "transfer") -> int:
