@@ -329,3 +329,31 @@ def test_kbus_info_draws_the_topology(capsys: pytest.CaptureFixture[str]) -> Non
     assert "cube0 -- cube1 -- cube2 -- cube3 -- back to cube0" in out
     assert "sip0 = sip1" in out
     assert "HBM per cube, 8 x 100GB/s = 800GB/s shared" in out
+
+
+def test_kbus_demo_shows_link_and_memory_statistics(capsys: pytest.CaptureFixture[str]) -> None:
+    from kbus.demo import run_demo
+
+    assert run_demo("tiny", use_uvloop=False) == 0
+    out = capsys.readouterr().out
+    assert "busiest links and memory channels" in out
+    assert "p99" in out and "busy" in out
+    assert "sip0.cube0.hbm" in out or "sip0.cube1.hbm" in out
+
+
+@pytest.mark.asyncio
+async def test_link_stats_count_bytes_busy_and_queueing_by_hand() -> None:
+    cfg = config()
+    dev = build_device(kbus.Sim(), cfg)
+    noc_pe = cfg.links.noc_pe
+    link = dev.pes[0][0][0].down_link
+    # two equal flows at once on one link: each takes twice its idle time, so each queued one idle time
+    n = MiB
+    alone = ceil_div(n * PS, noc_pe.bandwidth)
+    await asyncio.gather(dev.net.transfer([link], n), dev.net.transfer([link], n))
+    row = dev.link_stats()[link.name]
+    assert (row.flows, row.bytes) == (2, 2 * n)
+    assert row.busy_ps == 2 * alone
+    assert row.queue_mean_ps == alone and row.queue_p99_ps == alone
+    assert row.busy == row.busy_ps / dev.sim.now <= 1.0
+    await dev.aclose()
