@@ -357,3 +357,28 @@ async def test_link_stats_count_bytes_busy_and_queueing_by_hand() -> None:
     assert row.queue_mean_ps == alone and row.queue_p99_ps == alone
     assert row.busy == row.busy_ps / dev.sim.now <= 1.0
     await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_worked_example_of_the_docs() -> None:
+    """docs/device.md: a 1 MiB read_va two ring hops away on 'default', alone and beside a twin."""
+    cfg = DeviceConfig.preset("default")
+    dev = build_device(kbus.Sim(), cfg)
+    hbm = cfg.memory.hbm_base
+    va = 0x1000_0000_0000
+    for p in (0, 1):
+        await dev.request(
+            MmuMapMsg(
+                "c", f"m{p}", (MapEntry(va, hbm, MiB, 0, 2, p),), target_sips=(0,), target_cubes=(0,), target_pe=p
+            )
+        )
+    ns = 1000
+    alone = 2 * ns + 10 * ns + (250 + 80 * ns) + (4_096_250 + 110 * ns)
+    assert alone == 4_298_500
+    t0 = dev.sim.now
+    await dev.read_va((0, 0, 0), va, MiB)
+    assert dev.sim.now - t0 == alone
+    t0 = dev.sim.now
+    await asyncio.gather(dev.read_va((0, 0, 0), va, MiB), dev.read_va((0, 0, 1), va, MiB))
+    assert dev.sim.now - t0 == 2 * ns + 10 * ns + (500 + 80 * ns) + (8_192_500 + 110 * ns) == 8_395_000
+    await dev.aclose()
