@@ -169,7 +169,14 @@ class DmaEngine:
 
     def _leg(self, job: Transfer) -> None:
         links, nbytes = job.legs[job.k]
-        self.net.start(links, nbytes, self._leg_end, None, job)
+        flow = self.net.start(links, nbytes, self._leg_end, None, job)
+        if flow.lazy:  # alone on its route: arrives at its deadline plus the latencies unless slowed down
+            flow.owner_timer = self.sim.call_at(flow.deadline + flow.latency, self._lazy_arrived, flow)
+
+    def _lazy_arrived(self, flow: Flow) -> None:
+        flow.owner_timer = None
+        self.net.retire(flow)
+        self._arrived(flow.ctx)
 
     def _leg_end(self, flow: Flow, arrive: int) -> None:
         if arrive > self.sim.now:

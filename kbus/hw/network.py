@@ -83,15 +83,20 @@ class Flow:
 
     __slots__ = (
         "ctx",
+        "deadline",
+        "done",
         "ideal",
         "latency",
+        "lazy",
         "links",
         "msg",
         "nbytes",
         "npk",
         "on_end",
+        "owner_timer",
         "rate",
         "remaining",
+        "retired",
         "start",
         "t_upd",
         "timer",
@@ -115,6 +120,11 @@ class Flow:
         self.withdrawn = False
         self.latency = 0  # sum of the route's latencies
         self.ideal = 0  # ps the bytes take alone on the route (for the queueing statistics)
+        self.done = False  # its last byte has left
+        self.retired = False  # done while lazy: on_end was not called, its owner carries on
+        self.lazy = False  # alone on its route: no timer of its own, see Network.start
+        self.deadline = 0  # when a lazy flow drains
+        self.owner_timer: Any = None  # the owner's callback at a lazy flow's arrival, cancelled if it slows down
 
     def __repr__(self) -> str:
         route = " -> ".join(link.name for link in self.links)
@@ -141,6 +151,7 @@ class NetLink:
         "free_at",
         "kind",
         "latency",
+        "lazy",
         "level",
         "messages",
         "name",
@@ -172,6 +183,7 @@ class NetLink:
         self.work = 0  # byte-picoseconds carried up to ``t_mark``
         self.t_mark = 0
         self.free_at = 0  # packet model: when the last queued packet leaves
+        self.lazy: Flow | None = None  # the lazy flow alone on this resource, if any
         self.messages = 0
         self.bytes = 0
         self._delays = array("q")
@@ -197,7 +209,11 @@ class NetLink:
     def busy_ps(self) -> int:
         """Picoseconds of full-rate use so far: the integral of the allocated rate over the bandwidth."""
         now = self.net.sim.now
-        work = self.work + self.alloc * (now - self.t_mark)
+        end = now
+        lazy = self.lazy
+        if lazy is not None and lazy.deadline < now:
+            end = lazy.deadline  # drained already; retired at its owner's next step
+        work = self.work + self.alloc * (end - self.t_mark)
         return min(work // self.bandwidth, now)
 
     def queueing(self) -> tuple[int, float, int]:
@@ -228,19 +244,37 @@ class NetLink:
             waiter: SimFuture[None] = sim.create_future(f"link {self.name!r} stalled on inbox {self.stalled_on!r}")
             self._stall_waiters.append(waiter)
             await waiter
-        sent: SimFuture[None] = sim.create_future(self._carrying)
-        flow = self.net.start((self,), nbytes, self._sent, msg, (inbox, sent))
+        net = self.net
+        ctx: list[Any] = [inbox, None]
+        flow = net.start((self,), nbytes, self._sent, msg, ctx)
         try:
-            await sent
+            if flow.lazy:
+                # Alone on the link: it drains at its deadline unless another flow slows it down
+                # (never sooner), so sleep until then and look again.
+                await sim.sleep(flow.deadline - sim.now)
+                net.retire(flow)  # unless a flow that joined since has retired or woken it
+                if flow.retired:
+                    sim.call_at(flow.deadline + self.latency, self._deliver, msg, inbox)
+                    return
+            if not flow.done:
+                ctx[1] = sent = sim.create_future(self._carrying)
+                await sent
         except BaseException:
-            if not sent.done():
+            if flow.lazy and flow.deadline <= sim.now:
+                net.retire(flow)
+            if flow.retired:  # it left before the cancellation: it is delivered
+                sim.call_at(flow.deadline + self.latency, self._deliver, msg, inbox)
+            elif flow.done:
+                pass  # it left before the cancellation and on_end delivers it
+            else:
                 # Cancelled before the message left the sender: it never enters the link.
-                self.net.withdraw(flow)
+                net.withdraw(flow)
             raise
 
     def _sent(self, flow: Flow, arrive: int) -> None:
         inbox, sent = flow.ctx
-        sent.set_result(None)
+        if sent is not None:
+            sent.set_result(None)
         self.net.sim.call_at(arrive, self._deliver, flow.msg, inbox)
 
     def _deliver(self, msg: Any, inbox: Inbox[Any]) -> None:
@@ -284,7 +318,15 @@ class Network:
         """How many max-min recomputations ran (each over one connected component)."""
 
     def start(self, links: Sequence[NetLink], nbytes: int, on_end: OnEnd, msg: Any = None, ctx: Any = None) -> Flow:
-        """Start moving ``nbytes`` over ``links`` now; ``on_end(flow, arrive_ps)`` runs when the last byte left."""
+        """Start moving ``nbytes`` over ``links`` now; ``on_end(flow, arrive_ps)`` runs when the last byte left.
+
+        Except for a flow returned *lazy* (alone on its route in the flow model):
+        its last byte leaves at ``flow.deadline`` unless another flow joins first,
+        and its owner must act then itself — call :meth:`retire` at or after the
+        deadline and carry on. If another flow joins before the deadline, the
+        flow stops being lazy (``owner_timer`` is cancelled) and ``on_end`` runs
+        as usual, never before the deadline.
+        """
         sim = self.sim
         now = sim.now
         flow = Flow(links, nbytes, on_end, msg, ctx, now)
@@ -300,6 +342,12 @@ class Network:
             bw = link.bandwidth
             if not rate or bw < rate:
                 rate = bw
+            lazy = link.lazy
+            if lazy is not None:
+                if lazy.deadline <= now:
+                    self.retire(lazy)
+                else:
+                    self._wake(lazy)
             if link.flows:
                 contended = True
         flow.latency = lat
@@ -317,13 +365,46 @@ class Network:
         if contended:
             self._reshare(links)
             return flow
-        # Alone on its route: the bottleneck rate, no sharing to compute.
+        # Alone on its route: the bottleneck rate, no sharing to compute. The flow stays *lazy*:
+        # no timer of its own; its owner wakes at the deadline (when it would act anyway) and
+        # retires it, and a flow that joins one of its links first retires it (deadline passed)
+        # or wakes it up (gives it a timer, then shares). That halves the events per message.
         for link in links:
             link.t_mark = now
             link.alloc = rate
+            link.lazy = flow
         flow.rate = rate
-        flow.timer = sim.call_at(now + flow.ideal, self._finish, flow)
+        flow.lazy = True
+        flow.deadline = now + flow.ideal
         return flow
+
+    def retire(self, flow: Flow) -> None:
+        """Take a lazy flow whose deadline has passed off its route (idempotent); its owner continues it."""
+        if not flow.lazy:
+            return
+        flow.lazy = False
+        flow.done = True
+        flow.retired = True
+        end = flow.deadline
+        for link in flow.links:
+            link.work += link.alloc * (end - link.t_mark)
+            link.t_mark = end
+            link.alloc = 0
+            link.lazy = None
+            del link.flows[flow]
+            link._delays.append(0)
+            if link.on_send is not None:
+                link.on_send(link, flow.msg, flow.nbytes, flow.start, end + flow.latency)
+
+    def _wake(self, flow: Flow) -> None:
+        """A lazy flow gets company before its deadline: give it a timer and its owner's on_end."""
+        flow.lazy = False
+        if flow.owner_timer is not None:
+            flow.owner_timer.cancel()
+            flow.owner_timer = None
+        for link in flow.links:
+            link.lazy = None
+        flow.timer = self.sim.call_at(flow.deadline, self._finish, flow)
 
     def withdraw(self, flow: Flow) -> None:
         """Stop ``flow`` (its sender gave up): it frees its share now and its ``on_end`` never runs.
@@ -331,9 +412,11 @@ class Network:
         In the packet model the packets already queued still cross (they are on
         the wire); only the end is suppressed.
         """
-        if flow.withdrawn:
+        if flow.withdrawn or flow.done:
             return
         flow.withdrawn = True
+        if flow.lazy:
+            self._wake(flow)
         if flow.timer is None:
             return
         flow.timer.cancel()
@@ -463,6 +546,7 @@ class Network:
 
     # ---------------------------------------------------------------- common
     def _drained(self, flow: Flow, now: int, arrive: int) -> None:
+        flow.done = True
         if flow.withdrawn:
             return
         delay = now - flow.start - flow.ideal
@@ -477,8 +561,15 @@ class Network:
     async def transfer(self, links: Sequence[NetLink], nbytes: int, what: str = "transfer") -> int:
         """Move ``nbytes`` of bulk data over ``links``; return (and wait until) the arrival time."""
         done: SimFuture[int] = self.sim.create_future(what)
-        self.start(links, nbytes, self._arrive, None, done)
+        flow = self.start(links, nbytes, self._arrive, None, done)
+        if flow.lazy:
+            flow.owner_timer = self.sim.call_at(flow.deadline + flow.latency, self._lazy_arrive, flow)
         return await done
+
+    def _lazy_arrive(self, flow: Flow) -> None:
+        flow.owner_timer = None
+        self.retire(flow)
+        flow.ctx.set_result(self.sim.now)
 
     def _arrive(self, flow: Flow, arrive: int) -> None:
         """``on_end`` of :meth:`transfer`: resolve its future when the data arrives."""

@@ -382,3 +382,24 @@ async def test_worked_example_of_the_docs() -> None:
     await asyncio.gather(dev.read_va((0, 0, 0), va, MiB), dev.read_va((0, 0, 1), va, MiB))
     assert dev.sim.now - t0 == 2 * ns + 10 * ns + (500 + 80 * ns) + (8_192_500 + 110 * ns) == 8_395_000
     await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_message_retired_by_the_next_flow_is_still_delivered_on_time() -> None:
+    """A message alone on its link keeps no timer; a flow starting at its deadline retires it first."""
+    sim = kbus.Sim()
+    net = Network(sim)
+    link = NetLink(net, "a->b", 1000, 64 * 10**9, "test")  # 64 B take 1 ns
+    inbox: kbus.Inbox[str] = kbus.Inbox(sim, (str,), 4, name="b")
+    second: list[Any] = []
+    sim.call_at(1000, lambda: second.append(net.start([link], 64, lambda f, arrive: None)))
+    await link.send("first", inbox, 64)
+    assert sim.now == 1000
+    assert await inbox.get() == "first"
+    assert sim.now == 2000  # deadline 1 ns + latency 1 ns
+    (flow,) = second
+    assert flow.lazy and flow.deadline == 2000  # the link was free again at 1 ns: no sharing
+    await sim.sleep(5000)
+    assert link.busy_ps == 2000  # 1 ns each, never more than the elapsed time
+    net.retire(flow)
+    assert link.queueing() == (2, 0.0, 0)
