@@ -480,30 +480,34 @@ class Network:
             if f.rate:
                 f.remaining -= f.rate * (now - f.t_upd)
             f.t_upd = now
-        # Progressive filling in integer bytes/s.
+        # Progressive filling in integer bytes/s: each round, the smallest fair share among the
+        # resources still carrying unfixed flows is given to all their unfixed flows. Fixing a flow
+        # at the smallest share never lowers another resource's share, so every resource at that
+        # level is settled in the same round (in route order, so the result is deterministic).
         cap = {link: link.bandwidth for link in links}
         cnt = {link: len(link.flows) for link in links}
         rates: dict[Flow, int] = {}
         left = len(flows)
+        active = [link for link in links if cnt[link]]
         while left:
-            best: NetLink | None = None
             share = 0
-            for link in links:
-                n = cnt[link]
-                if n:
-                    s = cap[link] // n
-                    if best is None or s < share:
-                        best, share = link, s
-            assert best is not None
+            for link in active:
+                s = cap[link] // cnt[link]
+                if not share or s < share:
+                    share = s
             if share < 1:
                 share = 1  # only reachable with more flows than bytes/s of bandwidth
-            for f in best.flows:
-                if f not in rates:
-                    rates[f] = share
-                    left -= 1
-                    for other in f.links:
-                        cap[other] -= share
-                        cnt[other] -= 1
+            for link in active:
+                n = cnt[link]
+                if n and cap[link] // n <= share:
+                    for f in link.flows:
+                        if f not in rates:
+                            rates[f] = share
+                            left -= 1
+                            for other in f.links:
+                                cap[other] -= share
+                                cnt[other] -= 1
+            active = [link for link in active if cnt[link]]
         for link in links:
             total = 0
             for f in link.flows:
