@@ -403,3 +403,25 @@ async def test_a_message_retired_by_the_next_flow_is_still_delivered_on_time() -
     assert link.busy_ps == 2000  # 1 ns each, never more than the elapsed time
     net.retire(flow)
     assert link.queueing() == (2, 0.0, 0)
+
+
+@pytest.mark.asyncio
+async def test_recomputation_touches_only_the_connected_flows() -> None:
+    sim = kbus.Sim()
+    net = Network(sim)
+    x = NetLink(net, "X", 0, 10**9, "test")
+    y = NetLink(net, "Y", 0, 10**9, "test")
+
+    def ignore(flow: Any, arrive: int) -> None:
+        return None
+
+    a1, a2 = net.start([x], 10**6, ignore), net.start([x], 10**6, ignore)
+    b1, b2 = net.start([y], 10**6, ignore), net.start([y], 10**6, ignore)
+    before = (b1.timer, b2.timer, net.reshares)
+    a3 = net.start([x], 10**6, ignore)
+    assert (b1.timer, b2.timer) == before[:2]  # the other component was left alone
+    assert net.reshares == before[2] + 1
+    assert a1.rate == a2.rate == a3.rate == 10**9 // 3
+    assert b1.rate == b2.rate == 10**9 // 2
+    await sim.sleep(10**10)
+    assert all(f.done for f in (a1, a2, a3, b1, b2))
