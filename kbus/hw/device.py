@@ -1,22 +1,29 @@
 """The device: topology builder, routing, DMA data movement and the host port.
 
-``build_device(sim, config)`` lays out the blocks and links of every SIP, cube
-and PE, starts each block's service loop on ``sim`` and returns a
-:class:`Device`. Scripts talk to it by protocol messages through
+``build_device(sim, config)`` lays out the blocks, links and memory channels
+of every SIP, cube and PE, starts each block's service loop on ``sim`` and
+returns a :class:`Device`. Scripts talk to it by protocol messages through
 :meth:`Device.request`, from any coroutine on the loop.
 
 Topology and routes
 -------------------
 * Per SIP: PCIE_EP and IO_CPU; the host has a link pair to every PCIE_EP, and
-  every pair of SIPs has a link pair between their IO_CPUs (a full mesh).
-* Per cube: M_CPU, NOC and HBM; the cubes of a SIP form a bidirectional ring of
-  NOC links (``noc_hop``), routed the short way round (ties go up).
+  every pair of SIPs has a control link pair between their IO_CPUs (for
+  forwarded requests only).
+* Per cube: M_CPU, NOC and HBM; the cubes of a SIP are wired by
+  ``topology.cube_network`` (ring, mesh2d, torus2d; ``noc_hop`` links) and
+  routed the short way round or in dimension order.
+* SIP data links (``sip_data``) join the cube-0 NOCs of the SIPs as a full
+  mesh or a ring (``topology.sip_network``); data between SIPs never crosses a
+  control CPU.
 * Per PE: PE_CPU, PE_DMA, PE_MMU and SRAM; one ``noc_pe`` link pair joins a
-  PE's blocks to the NOC, and PE_DMA has a link pair to SRAM and to HBM.
+  PE's blocks to the NOC, and its DMA engine has a port pair to SRAM and to HBM.
+* Memory channels: each PE's SRAM, each cube's (or SIP's) HBM.
 
-Bulk data (DMA) is costed store-and-forward along the route: every hop costs
-``nbytes / bandwidth + latency`` and queues behind earlier traffic on that
-link, so figures are sums a user can redo from ``kbus info``.
+Every link and memory channel is a :class:`~kbus.hw.network.NetLink` of one
+:class:`~kbus.hw.network.Network`: control messages and bulk data share them
+as flows (max-min fair, pipelined; see ``kbus/hw/network.py``). Every data
+path of a PE goes through its :class:`~kbus.hw.dma.DmaEngine`.
 """
 
 from __future__ import annotations

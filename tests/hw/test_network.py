@@ -425,3 +425,22 @@ async def test_recomputation_touches_only_the_connected_flows() -> None:
     assert b1.rate == b2.rate == 10**9 // 2
     await sim.sleep(10**10)
     assert all(f.done for f in (a1, a2, a3, b1, b2))
+
+
+@pytest.mark.asyncio
+async def test_a_full_inbox_stalls_the_link_in_order() -> None:
+    """Backpressure: a message that finds its inbox full waits there, later ones wait behind it."""
+    sim = kbus.Sim()
+    net = Network(sim)
+    link = NetLink(net, "a->b", 1000, 64 * 10**9, "test")
+    inbox: kbus.Inbox[int] = kbus.Inbox(sim, (int,), 1, name="b")
+    for i in range(2):
+        await link.send(i, inbox, 64)  # 0 is taken; 1 finds the inbox full on arrival and stalls the link
+    await sim.sleep(5000)
+    assert link.stalled_on == "b"
+    sender = sim.spawn(link.send(2, inbox, 64))
+    await sim.sleep(5000)
+    assert not sender.done()  # blocked while the link is stalled
+    assert [await inbox.get() for _ in range(3)] == [0, 1, 2]
+    await sender
+    assert link.stalled_on is None
