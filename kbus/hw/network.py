@@ -314,6 +314,7 @@ class Network:
         self.model = model
         self.packet_bytes = packet_bytes
         self.flows_started = 0
+        self._dirty: dict[NetLink, None] = {}
         self.reshares = 0
         """How many max-min recomputations ran (each over one connected component)."""
 
@@ -363,7 +364,7 @@ class Network:
         for link in links:
             link.flows[flow] = None
         if contended:
-            self._reshare(links)
+            self._reshare_soon(links)
             return flow
         # Alone on its route: the bottleneck rate, no sharing to compute. The flow stays *lazy*:
         # no timer of its own; its owner wakes at the deadline (when it would act anyway) and
@@ -417,9 +418,11 @@ class Network:
         flow.withdrawn = True
         if flow.lazy:
             self._wake(flow)
-        if flow.timer is None:
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if self.model == "packet" or not flow.links or flow not in flow.links[0].flows:
             return
-        flow.timer.cancel()
         now = self.sim.now
         busy: list[NetLink] = []
         for link in flow.links:
@@ -429,9 +432,8 @@ class Network:
             del link.flows[flow]
             if link.flows:
                 busy.append(link)
-        flow.timer = None
         if busy:
-            self._reshare(busy)
+            self._reshare_soon(busy)
 
     # ------------------------------------------------------------ flow model
     def _finish(self, flow: Flow) -> None:
@@ -447,8 +449,27 @@ class Network:
             if link.flows:
                 busy.append(link)
         if busy:
-            self._reshare(busy)
+            self._reshare_soon(busy)
         self._drained(flow, now, now + flow.latency)
+
+    def _reshare_soon(self, seeds: Sequence[NetLink]) -> None:
+        """Recompute the rates around ``seeds`` later in this same instant, once for everything that changes now.
+
+        Flows often start and end in bursts at one virtual time (an all-to-all,
+        a broadcast); one recomputation after the burst gives the same rates
+        as one per change, since no time passes in between.
+        """
+        dirty = self._dirty
+        if not dirty:
+            self.sim.call_at(self.sim.now, self._flush)
+        for link in seeds:
+            dirty[link] = None
+
+    def _flush(self) -> None:
+        seeds = [link for link in self._dirty if link.flows]
+        self._dirty.clear()
+        if seeds:
+            self._reshare(seeds)
 
     def _reshare(self, seeds: Sequence[NetLink]) -> None:
         """Max-min fair rates for the flows connected to ``seeds``; re-arm the timers that changed."""
