@@ -447,3 +447,19 @@ async def test_a_full_inbox_stalls_the_link_in_order() -> None:
     assert [await inbox.get() for _ in range(3)] == [0, 1, 2]
     await sender
     assert link.stalled_on is None
+
+
+@pytest.mark.asyncio
+async def test_hbm_per_sip_is_shared_by_every_cube() -> None:
+    cfg = config(memory__hbm_scope="sip")
+    dev = build_device(kbus.Sim(), cfg)
+    mem = cfg.memory
+    assert dev.pes[0][0][0].hbm_channel is dev.pes[0][1][3].hbm_channel
+    hbm_bw = mem.hbm_channels * mem.hbm_channel_bandwidth
+    n = 4 * MiB
+    t0 = dev.sim.now
+    coords = list(cfg.pe_coords())  # 8 PEs in 2 cubes, one HBM
+    await asyncio.gather(*(dev.dma(c, c, "read", mem.hbm_base, n) for c in coords))
+    achieved = len(coords) * n * PS / (dev.sim.now - t0)
+    assert 0.97 * hbm_bw <= achieved <= hbm_bw
+    await dev.aclose()
