@@ -22,6 +22,17 @@ did not change keep their completion timer. This is the flow-level model of
 SimGrid and of ASTRA-sim's congestion-aware backend: its cost is a few events
 per flow, not per packet.
 
+Two economies keep that cost near one event per message, as cheap as the
+store-and-forward links kbus had before:
+
+* a flow alone on its route is *lazy*: it needs no rate computation and no
+  timer of its own, because its owner (a sender, a DMA engine) wakes at the
+  flow's deadline anyway and retires it then. A flow that joins one of its
+  links first retires it (deadline passed) or wakes it up (it gets a timer and
+  its share) — never later than its deadline, since company only slows a flow;
+* flows that start or end at the same virtual time are shared out once, after
+  all of them (no time passes in between, so the rates are the same).
+
 Arithmetic is exact and platform independent: a rate is an integer number of
 bytes per second (a fair share is rounded down, losing < 1 B/s per flow), and
 a flow's progress is kept in integer *byte-picoseconds* (``nbytes * 10**12``
