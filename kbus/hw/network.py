@@ -257,7 +257,28 @@ class NetLink:
             await waiter
         net = self.net
         ctx: list[Any] = [inbox, None]
-        flow = net.start((self,), nbytes, self._sent, msg, ctx)
+        now = sim.now
+        lazy = self.lazy
+        if lazy is not None and lazy.deadline <= now:
+            net.retire(lazy)
+        if net.fluid and nbytes > 0 and not self.flows:
+            # Network.start for a message on an idle link, inlined: the path of almost every hop.
+            bw = self.bandwidth
+            flow = Flow((self,), nbytes, self._sent, msg, ctx, now)
+            flow.latency = self.latency
+            flow.rate = bw
+            flow.ideal = ideal = -(-flow.remaining // bw)
+            flow.deadline = now + ideal
+            flow.lazy = True
+            net.flows_started += 1
+            self.messages += 1
+            self.bytes += nbytes
+            self.flows[flow] = None
+            self.t_mark = now
+            self.alloc = bw
+            self.lazy = flow
+        else:
+            flow = net.start((self,), nbytes, self._sent, msg, ctx)
         try:
             if flow.lazy:
                 # Alone on the link: it drains at its deadline unless another flow slows it down
@@ -323,6 +344,7 @@ class Network:
             raise ValueError(f"fabric.packet_bytes must be > 0, got {packet_bytes}")
         self.sim = sim
         self.model = model
+        self.fluid = model == "flow"
         self.packet_bytes = packet_bytes
         self.flows_started = 0
         self._dirty: dict[NetLink, None] = {}
