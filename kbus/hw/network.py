@@ -283,10 +283,22 @@ class NetLink:
             if flow.lazy:
                 # Alone on the link: it drains at its deadline unless another flow slows it down
                 # (never sooner), so sleep until then and look again.
-                await sim.sleep(flow.deadline - sim.now)
-                net.retire(flow)  # unless a flow that joined since has retired or woken it
-                if flow.retired:
-                    sim.call_at(flow.deadline + self.latency, self._deliver, msg, inbox)
+                end = flow.deadline
+                await sim.sleep(end - sim.now)
+                if flow.lazy:
+                    # Network.retire for a flow on this one link, inlined (the hot path).
+                    flow.lazy = False
+                    flow.done = flow.retired = True
+                    self.work += self.alloc * (end - self.t_mark)
+                    self.t_mark = end
+                    self.alloc = 0
+                    self.lazy = None
+                    del self.flows[flow]
+                    self._delays.append(0)
+                    if self.on_send is not None:
+                        self.on_send(self, msg, nbytes, flow.start, end + self.latency)
+                if flow.retired:  # by us, or by a flow that joined at the deadline
+                    sim.call_at(end + self.latency, self._deliver, msg, inbox)
                     return
             if not flow.done:
                 ctx[1] = sent = sim.create_future(self._carrying)
