@@ -463,3 +463,18 @@ async def test_hbm_per_sip_is_shared_by_every_cube() -> None:
     achieved = len(coords) * n * PS / (dev.sim.now - t0)
     assert 0.97 * hbm_bw <= achieved <= hbm_bw
     await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_flows_reach_the_tracing_hook_as_spans_on_every_link() -> None:
+    cfg = config()
+    dev = build_device(kbus.Sim(), cfg)
+    route = dev.route((0, 0, 0), (0, 1, 0))
+    seen: list[tuple[str, Any, int, int, int]] = []
+    for link in route:
+        link.on_send = lambda link, msg, n, start, deliver: seen.append((link.name, msg, n, start, deliver))
+    t0 = dev.sim.now
+    end = await dev.net.transfer(route, MiB)
+    assert [s[0] for s in seen] == [link.name for link in route]
+    assert all(s[1] is None and s[2] == MiB and s[3] == t0 and s[4] == end for s in seen)
+    await dev.aclose()
