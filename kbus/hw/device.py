@@ -814,13 +814,25 @@ class Device:
         return np.concatenate(parts)
 
     async def write_va(self, src: Coord, va: int, data: np.ndarray[Any, Any]) -> None:
-        """Write ``data`` at ``va`` as seen by PE ``src``'s MMU (PageFault if unmapped)."""
+        """Write ``data`` at ``va`` as seen by PE ``src``'s MMU (PageFault if unmapped).
+
+        One transfer per physical segment, all issued at once through the engine.
+        """
         raw = as_bytes(data)
         segs, cost = self.engine(src).translate(va, raw.nbytes)
+        jobs = []
         off = 0
-        for i, seg in enumerate(segs):
-            await self.write_physical(src, seg, raw[off : off + seg.nbytes], extra=cost if i == 0 else 0)
+        for i, seg in enumerate(segs):  # issued at once, like read_va
+            part = raw[off : off + seg.nbytes]
+            owner = (seg.sip, seg.cube, seg.pe)
+            jobs.append(
+                self._start_dma(src, owner, "write", seg.pa, seg.nbytes, data=part, extra=cost if i == 0 else 0)
+            )
             off += seg.nbytes
+        for job in jobs:
+            err = job if isinstance(job, str) else await job.done
+            if err is not None:
+                raise DeviceError(err)
 
     # --------------------------------------------- helpers used by the blocks
     def check_map_entry(self, e: Any) -> str | None:
