@@ -18,7 +18,7 @@ import kbus
 from kbus.hw import DeviceConfig, build_device
 from kbus.hw.device import Device
 from kbus.hw.network import NetLink, Network, cube_edges, cube_route, sip_edges
-from kbus.protocol import MapEntry, MmuMapMsg
+from kbus.protocol import MapEntry, MmuMapMsg, PeDmaMsg
 
 PS = 10**12
 MiB = 1 << 20
@@ -478,3 +478,19 @@ async def test_flows_reach_the_tracing_hook_as_spans_on_every_link() -> None:
     assert [s[0] for s in seen] == [link.name for link in route]
     assert all(s[1] is None and s[2] == MiB and s[3] == t0 and s[4] == end for s in seen)
     await dev.aclose()
+
+
+@pytest.mark.asyncio
+async def test_packet_model_serves_protocol_requests_like_the_flow_model() -> None:
+    times = {}
+    for model in ("flow", "packet"):
+        cfg = config(fabric__model=model)
+        dev = build_device(kbus.Sim(), cfg)
+        hbm = cfg.memory.hbm_base
+        t0 = dev.sim.now
+        (resp,) = await dev.request(PeDmaMsg("c", "d", 0, 1, 2, hbm, MiB))
+        await dev.request(MmuMapMsg("c", "m", (MapEntry(0x1000_0000_0000, hbm, 1 << 16),)))
+        assert resp.success
+        times[model] = dev.sim.now - t0
+        await dev.aclose()
+    assert within(times["packet"], times["flow"], 0.05)
