@@ -307,7 +307,7 @@ class NetLink:
             if flow.lazy and flow.deadline <= sim.now:
                 net.retire(flow)
             if flow.retired:  # it left before the cancellation: it is delivered
-                sim.call_at(flow.deadline + self.latency, self._deliver, msg, inbox)
+                sim.call_at(max(flow.deadline + self.latency, sim.now), self._deliver, msg, inbox)
             elif flow.done:
                 pass  # it left before the cancellation and on_end delivers it
             else:
