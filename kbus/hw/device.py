@@ -491,6 +491,9 @@ class Device:
         r = self._routes.get(key)
         if r is not None:
             return r
+        check = self.config.check_coords
+        check(*src)  # a ValueError naming the coordinate, not an IndexError
+        check(*dst)
         if src == dst:
             r = []
         else:

@@ -494,3 +494,12 @@ async def test_packet_model_serves_protocol_requests_like_the_flow_model() -> No
         times[model] = dev.sim.now - t0
         await dev.aclose()
     assert within(times["packet"], times["flow"], 0.05)
+
+
+@pytest.mark.asyncio
+async def test_route_names_a_coordinate_out_of_range() -> None:
+    dev = build_device(kbus.Sim(), config())
+    with pytest.raises(ValueError, match="4") as info:
+        dev.route((0, 0, 0), (0, 0, 4))
+    assert "pe" in str(info.value)
+    await dev.aclose()
