@@ -53,10 +53,12 @@ def _config_spec(args: argparse.Namespace) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .hw.config import DeviceConfig, describe, tree
+    from .hw.network import topology_text
 
     cfg = DeviceConfig.load(_config_spec(args))
     console = Console()
     console.print(tree(cfg))
+    console.print(topology_text(cfg), highlight=False, soft_wrap=True)
     from rich.table import Table
 
     table = Table(title=f"parameters of {cfg.name!r}")

@@ -83,8 +83,8 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
     msgs = sum(s.msgs_in for s in stats.values())
     levels = dev.level_stats()
     moved = sum(d["bytes"] for d in levels.values())
-    table = Table(title=f"fabric levels over {format_time(now)} of device time")
-    for col in ("level", "links", "messages+transfers", "bytes", "utilisation"):
+    table = Table(title=f"fabric levels and memories over {format_time(now)} of device time")
+    for col in ("level", "resources", "flows", "bytes", "utilisation"):
         table.add_column(col, justify="left" if col == "level" else "right")
     for level, d in levels.items():
         table.add_row(
@@ -95,6 +95,21 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
             f"{100 * d['utilisation']:.3f}%",
         )
     console.print(table)
+    links = sorted(dev.link_stats().values(), key=lambda r: (-r.busy, r.name))[:8]
+    top = Table(title="busiest links and memory channels (busy = allocated rate / bandwidth over time)")
+    for col in ("resource", "kind", "flows", "bytes", "busy", "queueing mean", "queueing p99"):
+        top.add_column(col, justify="left" if col in ("resource", "kind") else "right", no_wrap=col == "resource")
+    for r in links:
+        top.add_row(
+            r.name,
+            r.level,
+            f"{r.flows:,}",
+            f"{r.bytes:,}",
+            f"{100 * r.busy:.2f}%",
+            format_time(round(r.queue_mean_ps)),
+            format_time(r.queue_p99_ps),
+        )
+    console.print(top)
     kinds: dict[str, list[float]] = {}
     for s in stats.values():
         kinds.setdefault(s.kind, []).append(s.utilisation)

@@ -7,18 +7,22 @@ responses on different virtual channels so that a burst of responses can never
 deadlock against a burst of requests.
 
 Every block spends its configured processing time per message (counted as busy
-time), then forwards over a :class:`~kbus.sim.Link`. Errors found by a PE block
+time), then forwards over a port: a :class:`~kbus.hw.network.NetLink`, where the
+message shares the link with every other flow on it. A message occupies
+:meth:`Device.wire_bytes` on the wire. Errors found by a PE block
 become a failed :class:`~kbus.protocol.ResponseMsg` naming what was wrong and
 where; the block then serves the next message.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import numpy as np
 
-from ..mem import MapConflict, MemoryStore, PageTable, Segment, SharedMappingCache
+from ..mem import MapConflict, MemoryStore, PageTable, Segment, SharedMapping, SharedMappingCache
 from ..protocol import (
     KernelLaunchMsg,
     MemoryReadMsg,
@@ -28,11 +32,12 @@ from ..protocol import (
     PeDmaMsg,
     ResponseMsg,
 )
-from ..protocol.fabric import Completion, DmaCommand, SipForward
-from ..sim import Block, Inbox, Link
+from ..protocol.fabric import DmaCommand, SipForward
+from ..sim import Block, Inbox
 
 if TYPE_CHECKING:
     from .device import Device
+    from .network import NetLink
 
 __all__ = [
     "HbmBlock",
@@ -65,10 +70,16 @@ class FabricBlock(Block):
         self.resp_task: Any = None
 
     # Wired by the topology builder once both ends exist.
-    up_link: Link
+    up_link: NetLink
     """Link one level up (towards the host) for responses."""
     up_inbox: Inbox[ResponseMsg]
     """The response inbox one level up."""
+
+    async def emit(self, link: NetLink, msg: Any, inbox: Inbox[Any], nbytes: int) -> None:
+        """Send ``msg`` through the port ``link`` (counted as this block's output)."""
+        self.msgs_out += 1
+        self.bytes_out += nbytes
+        await link.send(msg, inbox, nbytes)
 
     def start(self) -> Any:
         task = super().start()
@@ -86,7 +97,7 @@ class FabricBlock(Block):
             msg = await get()
             self.msgs_in += 1
             await self.busy(self.proc_ps, "response")
-            await self.send(link, msg, dst, nbytes)
+            await self.emit(link, msg, dst, nbytes)
 
 
 class PcieEp(FabricBlock):
@@ -98,12 +109,12 @@ class PcieEp(FabricBlock):
         super().__init__(device, f"sip{sip}.pcie_ep", device.config.processing.pcie_ep)
         self.sip = sip
 
-    io_link: Link
+    io_link: NetLink
     io: IoCpu
 
     async def handle(self, msg: Any) -> None:
         await self.busy(self.proc_ps, msg.msg_type)
-        await self.send(self.io_link, msg, self.io.inbox, self.device.config.fabric.msg_bytes)
+        await self.emit(self.io_link, msg, self.io.inbox, self.device.wire_bytes(msg))
 
 
 class IoCpu(FabricBlock):
@@ -114,25 +125,25 @@ class IoCpu(FabricBlock):
     def __init__(self, device: Device, sip: int) -> None:
         super().__init__(device, f"sip{sip}.io_cpu", device.config.processing.io_cpu, (*REQUESTS, SipForward))
         self.sip = sip
-        self.sip_links: dict[int, Link] = {}
-        self.mcpu_links: dict[int, Link] = {}
+        self.sip_links: dict[int, NetLink] = {}
+        self.mcpu_links: dict[int, NetLink] = {}
 
     async def handle(self, msg: Any) -> None:
         dev = self.device
-        nbytes = dev.config.fabric.msg_bytes
         forwarded = type(msg) is SipForward
         inner = msg.msg if forwarded else msg
+        nbytes = dev.wire_bytes(inner)
         await self.busy(self.proc_ps, inner.msg_type)
         sips = dev.target_sips(inner)
         if not forwarded:
             for s in sips:
                 if s != self.sip:
-                    await self.send(
+                    await self.emit(
                         self.sip_links[s], SipForward(inner, origin_sip=self.sip), dev.io_cpus[s].inbox, nbytes
                     )
         if self.sip in sips:
             for c in dev.target_cubes(inner):
-                await self.send(self.mcpu_links[c], inner, dev.mcpus[self.sip][c].inbox, nbytes)
+                await self.emit(self.mcpu_links[c], inner, dev.mcpus[self.sip][c].inbox, nbytes)
 
 
 class MCpu(FabricBlock):
@@ -145,12 +156,12 @@ class MCpu(FabricBlock):
         self.sip = sip
         self.cube = cube
 
-    noc_link: Link
+    noc_link: NetLink
     noc: Noc
 
     async def handle(self, msg: Any) -> None:
         await self.busy(self.proc_ps, msg.msg_type)
-        await self.send(self.noc_link, msg, self.noc.inbox, self.device.config.fabric.msg_bytes)
+        await self.emit(self.noc_link, msg, self.noc.inbox, self.device.wire_bytes(msg))
 
 
 class Noc(FabricBlock):
@@ -162,11 +173,11 @@ class Noc(FabricBlock):
         super().__init__(device, f"sip{sip}.cube{cube}.noc", device.config.processing.noc)
         self.sip = sip
         self.cube = cube
-        self.pe_links: list[Link] = []
+        self.pe_links: list[NetLink] = []
 
     async def handle(self, msg: Any) -> None:
         dev = self.device
-        nbytes = dev.config.fabric.msg_bytes
+        nbytes = dev.wire_bytes(msg)
         await self.busy(self.proc_ps, msg.msg_type)
         pes = dev.pes[self.sip][self.cube]
         mt = msg.msg_type
@@ -179,7 +190,7 @@ class Noc(FabricBlock):
                 dst = pe.mmu
             else:
                 dst = pe.dma
-            await self.send(self.pe_links[p], msg, dst.inbox, nbytes)
+            await self.emit(self.pe_links[p], msg, dst.inbox, nbytes)
 
 
 class PeBlock(Block):
@@ -212,7 +223,10 @@ class PeBlock(Block):
             value=value,
         )
         node = dev.pes[self.sip][self.cube][self.pe]
-        await self.send(node.up_link, resp, dev.nocs[self.sip][self.cube].resp_inbox, dev.config.fabric.msg_bytes)
+        nbytes = dev.config.fabric.msg_bytes
+        self.msgs_out += 1
+        self.bytes_out += nbytes
+        await node.up_link.send(resp, dev.nocs[self.sip][self.cube].resp_inbox, nbytes)
 
     async def handle(self, msg: Any) -> None:
         try:
@@ -241,21 +255,44 @@ class PeMmu(PeBlock):
         self.table = PageTable(self.pe_path, device.config.memory.page_size)
         self._maps = SharedMappingCache.of(device)
 
+    def owned(self, e: Any) -> Any:
+        """``e`` with its owner filled in: an entry without one (the seed's form) is local to this PE.
+
+        The seed maps with ``replicate=local``: a plain ``{"va", "pa", "size"}``
+        entry names memory of the PE that installs it.
+        """
+        if e.sip is None or e.cube is None or e.pe is None:
+            return attrs.evolve(
+                e,
+                sip=self.sip if e.sip is None else e.sip,
+                cube=self.cube if e.cube is None else e.cube,
+                pe=self.pe if e.pe is None else e.pe,
+            )
+        return e
+
     def translate(self, va: int, nbytes: int) -> list[Segment]:
         """Physical segments of ``[va, va+nbytes)``; raises :class:`~kbus.mem.PageFault` if unmapped."""
         return self.table.translate(va, nbytes)
 
     async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
-        await self.busy(self.device.config.processing.pe_mmu, msg.msg_type)
+        proc = self.device.config.processing
+        await self.busy(proc.pe_mmu + proc.pe_mmu_entry * len(msg.entries), msg.msg_type)
         table = self.table
         tracer = self.sim.tracer
         if type(msg) is MmuMapMsg:
-            shared = self._maps.get(msg, msg.entries, table.page_size, self.device.check_map_entry)
+            check = self.device.check_map_entry
+            if all(e.sip is not None and e.cube is not None and e.pe is not None for e in msg.entries):
+                # Owner-tagged entries mean the same on every PE: decoded once per message, shared.
+                shared = self._maps.get(msg, msg.entries, table.page_size, check)
+            else:
+                # The seed's form (no owner) is local to each installing PE, so it cannot be shared.
+                shared = SharedMapping.build([self.owned(e) for e in msg.entries], table.page_size, check)
             try:
                 table.install(shared)  # all or nothing: a failed map leaves the table as it was
             except MapConflict as exc:
                 e = msg.entries[exc.index]
                 return f"{self.name}: entries[{exc.index}] (va={e.va:#x}, size={e.size:#x}): {exc}", None
+            self.device.engine((self.sip, self.cube, self.pe)).flush_tlb()
             if tracer is not None:
                 for e in msg.entries:
                     tracer.emit("mmu", "map", self.name, self.sim.now, None, {"va": e.va, "size": e.size, "pa": e.pa})
@@ -265,6 +302,7 @@ class PeMmu(PeBlock):
                     table.unmap(e.va, e.size)
                 except ValueError as exc:
                     return f"{self.name}: entries[{i}] (va={e.va:#x}, size={e.size:#x}): {exc}", None
+            self.device.engine((self.sip, self.cube, self.pe)).flush_tlb()
             if tracer is not None:
                 for e in msg.entries:
                     tracer.emit("mmu", "unmap", self.name, self.sim.now, None, {"va": e.va, "size": e.size})
@@ -272,11 +310,17 @@ class PeMmu(PeBlock):
 
 
 class PeDma(PeBlock):
-    """The PE's DMA engine: executes memory writes/reads and injected PeDmaMsg transfers.
+    """The PE_DMA block: takes memory writes/reads and PeDmaMsg off the fabric for the PE's DMA engine.
 
-    Data moves by :meth:`Device.dma`, which costs the route's links and sends a
-    :class:`~kbus.protocol.fabric.DmaCommand` to the memory block owning the
-    address. Host-buffer transfers also cross the PCIe path, costed by bandwidth.
+    The transfer itself is the PE's :class:`~kbus.hw.dma.DmaEngine` (the one every
+    data path of the PE shares), which charges the issue time (counted as this
+    block's busy time). Seed-form messages without kbus's host-buffer fields:
+
+    * ``MemoryReadMsg`` without ``host_buffer`` is a *timing-only* read: the
+      bytes cross PCIe to the host, which discards them (the seed's timing model);
+    * ``MemoryWriteMsg`` with ``src_kind="host_buffer_ref"`` but no
+      ``host_buffer`` fails, saying which fields to add, since kbus cannot know
+      which bytes the host meant.
     """
 
     kind = "PE_DMA"
@@ -287,7 +331,6 @@ class PeDma(PeBlock):
     async def execute(self, msg: Any) -> tuple[str | None, int | float | None]:
         dev = self.device
         start = self.sim.now
-        await self.busy(dev.config.processing.pe_dma, msg.msg_type)
         me = (self.sip, self.cube, self.pe)
         t = type(msg)
         if t is PeDmaMsg:
@@ -314,6 +357,12 @@ class PeDma(PeBlock):
                     pattern=msg.pattern or "zeros",
                     rid=msg.request_id,
                     cid=msg.correlation_id,
+                )
+            elif msg.host_buffer is None:
+                err = (
+                    f"{self.name}: MemoryWriteMsg {msg.request_id!r} has src_kind='host_buffer_ref' but no "
+                    "host_buffer; add host_buffer (a name registered with Device.register_host_buffer) and "
+                    "host_offset, the kbus fields that say which host bytes to write"
                 )
             else:
                 err = await dev.host_to_pe(
@@ -365,41 +414,57 @@ class MemoryBlock(Block):
             transform=device.transform,
         )
         self.device = device
+        self.failures: list[str] = []
+        """Errors of commands that arrived through the inbox, with nobody to answer (never dropped)."""
 
     def store_for(self, pe: int) -> MemoryStore:
         raise NotImplementedError
 
-    async def handle(self, cmd: DmaCommand) -> None:
+    def execute(
+        self, cmd: DmaCommand, data: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+    ) -> tuple[str | None, np.ndarray[Any, np.dtype[np.uint8]] | None]:
+        """Act on ``cmd`` now: (error naming this memory, or None; the bytes a read without host buffer returns).
+
+        Called by a DMA engine when its transfer reaches this memory; ``data``
+        is what a write without host buffer carries.
+        """
         dev = self.device
-        error: str | None = None
+        out = None
         try:
             store = self.store_for(cmd.pe)
             op: str = cmd.op
             if op == "fill":
-                store.write_pattern(cmd.pa, cmd.nbytes, cmd.pattern or "zeros")
+                store.write_pattern(cmd.addr, cmd.nbytes, cmd.pattern or "zeros")
             elif op == "write":
-                if cmd.host_buffer is None:
-                    store.write(cmd.pa, dev.take_staged(cmd.request_id))
-                else:
+                if cmd.host_buffer is not None:
                     buf = dev.host_buffer(cmd.host_buffer)
-                    store.write(cmd.pa, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
+                    store.write(cmd.addr, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
+                elif data is None:
+                    return f"{self.name}: write of {cmd.nbytes} bytes at {cmd.addr:#x} carries no data", None
+                else:
+                    store.write(cmd.addr, data)
             elif op == "read":
                 if cmd.host_buffer is None:
-                    dev.stage(cmd.request_id, store.read(cmd.pa, cmd.nbytes))
+                    out = store.read(cmd.addr, cmd.nbytes)
                 else:
                     buf = dev.host_buffer(cmd.host_buffer)
-                    store.read_into(cmd.pa, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
+                    store.read_into(cmd.addr, buf[cmd.host_offset : cmd.host_offset + cmd.nbytes])
             elif op == "copy":
-                assert cmd.src_pa is not None
-                store.copy_from(store, cmd.src_pa, cmd.pa, cmd.nbytes)
+                if cmd.src_addr is None:
+                    return f"{self.name}: copy to {cmd.addr:#x} has no src_addr", None
+                store.copy_from(store, cmd.src_addr, cmd.addr, cmd.nbytes)
             else:
-                error = f"{self.name}: unknown DMA op {op!r}"
+                return f"{self.name}: unknown DMA op {op!r}", None
         except (ValueError, KeyError) as exc:
-            error = f"{self.name}: {exc}"
-        dev.complete(
-            cmd.request_id,
-            Completion(cmd.correlation_id, cmd.request_id, cmd.sip, cmd.cube, cmd.pe, error is None, error),
-        )
+            return f"{self.name}: {exc}", None
+        return None, out
+
+    async def handle(self, cmd: DmaCommand) -> None:
+        """A command put straight into the inbox (no engine waits on it): act, and keep any failure."""
+        error, _ = self.execute(cmd)
+        if error is not None:
+            self.failures.append(error)
+            warnings.warn(error, RuntimeWarning, stacklevel=1)
 
 
 class SramBlock(MemoryBlock):

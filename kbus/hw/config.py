@@ -37,6 +37,13 @@ silently falls back to a default.
   ``cubes_per_sip``           cubes in each SIP (>= 1)
   ``pes_per_cube``            processing elements (PEs) in each cube (>= 1);
                               sips x cubes_per_sip x pes_per_cube <= 65536
+  ``cube_network``            how a SIP's cubes connect: ``ring`` (short way
+                              round), ``mesh2d`` or ``torus2d`` (dimension-order
+                              routing: along the row, then the column)
+  ``cube_cols``               columns of the mesh2d/torus2d grid (must divide
+                              cubes_per_sip; cube i is at row i // cube_cols)
+  ``sip_network``             SIP data links: ``full`` (a pair between every two
+                              SIPs) or ``ring``; they join the cube-0 NOCs
 
 ``[memory]`` (per PE; physical addresses are PE-local)
   ``sram_per_pe``             size of each PE's SRAM, at physical addresses
@@ -51,11 +58,26 @@ silently falls back to a default.
   ``va_size``                 size of the device virtual address range (a
                               multiple of page_size; va_base + va_size <= 2**64)
 
+  ``hbm_scope``               ``cube``: each cube has one HBM shared by its PEs;
+                              ``sip``: one HBM shared by all PEs of the SIP
+  ``hbm_channels``            channels of one HBM; addresses are interleaved over
+                              all of them, so a transfer sees their sum
+  ``hbm_channel_bandwidth``   bandwidth of one channel
+  ``hbm_latency``             access latency of HBM (added once per transfer)
+  ``sram_bandwidth``          bandwidth of one PE's SRAM (shared by its own and
+                              remote PEs' transfers)
+  ``sram_latency``            access latency of SRAM
+
 ``[fabric]``
   ``inbox_capacity``          messages each block's inbox holds before senders
                               block (backpressure); >= 1
   ``msg_bytes``               bytes one message descriptor occupies on a link
                               (what a control message costs in bandwidth); >= 1
+  ``map_entry_bytes``         bytes each MmuMap/MmuUnmap entry adds to its message
+  ``model``                   ``flow`` (max-min fair sharing, the default) or
+                              ``packet`` (cut-through packets, FCFS per link; the
+                              slow reference that validates the flow model)
+  ``packet_bytes``            packet size of the packet model
 
 ``[links.<level>]`` each with ``latency`` (duration, >= 0: fixed delay of one
 hop) and ``bandwidth`` (> 0: serialization rate, so ``nbytes`` occupy the link
@@ -68,7 +90,8 @@ for ``ceil(nbytes / bandwidth)``). Levels:
   ``noc_pe``                  NOC <-> a PE's blocks (PE_CPU, PE_DMA, PE_MMU)
   ``dma_sram``                PE_DMA <-> the PE's SRAM
   ``dma_hbm``                 PE_DMA <-> HBM
-  ``sip_sip``                 SIP <-> SIP (chip-to-chip)
+  ``sip_sip``                 SIP <-> SIP control link between IO_CPUs
+  ``sip_data``                SIP <-> SIP data link between the cube-0 NOCs
 
 ``[compute]``
   ``pe_clock_hz``             PE core clock in Hz (integer > 0)
@@ -82,7 +105,15 @@ for ``ceil(nbytes / bandwidth)``). Levels:
 
 ``[processing]`` time a block spends handling one message, before forwarding
 or acting on it (durations >= 0):
-  ``pcie_ep``, ``io_cpu``, ``m_cpu``, ``noc``, ``pe_cpu``, ``pe_dma``, ``pe_mmu``
+  ``pcie_ep``, ``io_cpu``, ``m_cpu``, ``noc``, ``pe_cpu``, ``pe_dma`` (the DMA
+  engine's issue time per transfer), ``pe_mmu``, ``pe_mmu_entry`` (added per
+  map/unmap entry)
+
+``[dma]`` the DMA engine of each PE (every data path of the PE uses it):
+  ``outstanding``             transfers in flight at once; more wait in order
+  ``translate``               MMU lookup per VA access (without a TLB)
+  ``tlb_entries``             pages the engine's TLB holds (0 = no TLB)
+  ``tlb_miss``                page walk per page missing from the TLB
 
 Example, a file that only slows the NoC-to-PE hop of the default device::
 
@@ -124,6 +155,7 @@ __all__ = [
     "MAX_PES",
     "ComputeConfig",
     "DeviceConfig",
+    "DmaConfig",
     "FabricConfig",
     "LinkSpec",
     "Links",
@@ -249,6 +281,11 @@ class Topology:
     sips: int = _param(2, "count", "SIP chips on the board", minimum=1, maximum=MAX_PES)
     cubes_per_sip: int = _param(4, "count", "cubes in each SIP", minimum=1, maximum=MAX_PES)
     pes_per_cube: int = _param(8, "count", "processing elements (PEs) in each cube", minimum=1, maximum=MAX_PES)
+    cube_network: str = _param("ring", "text", "how the cubes of a SIP connect: ring, mesh2d or torus2d")
+    cube_cols: int = _param(
+        2, "count", "columns of the mesh2d/torus2d grid of cubes (rows = cubes_per_sip / cube_cols)", minimum=1
+    )
+    sip_network: str = _param("full", "text", "how the SIPs connect for data: full (mesh) or ring")
 
     @property
     def num_cubes(self) -> int:
@@ -280,6 +317,12 @@ class MemoryConfig:
     )
     va_base: int = _param(0x1000_0000_0000, "address", "first device virtual address handed to tensors")
     va_size: int = _param(1 * _TiB, "size", "size of the device virtual address range (a page multiple)", minimum=1)
+    hbm_scope: str = _param("cube", "text", "who shares one HBM: each cube has its own (cube) or one per SIP (sip)")
+    hbm_channels: int = _param(8, "count", "channels of one HBM (addresses interleaved over all)", minimum=1)
+    hbm_channel_bandwidth: int = _param(100 * _GB, "bandwidth", "bandwidth of one HBM channel", minimum=1)
+    hbm_latency: int = _param(30 * NS, "duration", "access latency of HBM")
+    sram_bandwidth: int = _param(512 * _GB, "bandwidth", "bandwidth of one PE's SRAM", minimum=1)
+    sram_latency: int = _param(1 * NS, "duration", "access latency of SRAM")
 
 
 @attrs.frozen
@@ -290,6 +333,11 @@ class FabricConfig:
         64, "count", "messages a block's inbox holds before senders block", minimum=1, unit="messages"
     )
     msg_bytes: int = _param(64, "count", "bytes one message descriptor occupies on a link", minimum=1, unit="bytes")
+    map_entry_bytes: int = _param(
+        32, "count", "bytes each MmuMap/MmuUnmap entry adds to its message on a link", unit="bytes"
+    )
+    model: str = _param("flow", "text", "how transfers share links: flow (max-min fair) or packet (reference)")
+    packet_bytes: int = _param(256, "size", "packet size of the packet model", minimum=1)
 
 
 @attrs.frozen
@@ -314,7 +362,12 @@ class Links:
     )
     dma_sram: LinkSpec = attrs.field(default=LinkSpec(2 * NS, 512 * _GB), metadata=_doc("PE_DMA <-> the PE's SRAM"))
     dma_hbm: LinkSpec = attrs.field(default=LinkSpec(40 * NS, 256 * _GB), metadata=_doc("PE_DMA <-> HBM"))
-    sip_sip: LinkSpec = attrs.field(default=LinkSpec(300 * NS, 100 * _GB), metadata=_doc("SIP <-> SIP (chip-to-chip)"))
+    sip_sip: LinkSpec = attrs.field(
+        default=LinkSpec(300 * NS, 100 * _GB), metadata=_doc("SIP <-> SIP control link between IO_CPUs")
+    )
+    sip_data: LinkSpec = attrs.field(
+        default=LinkSpec(300 * NS, 100 * _GB), metadata=_doc("SIP <-> SIP data link between the cube-0 NOCs")
+    )
 
     def items(self) -> Iterator[tuple[str, LinkSpec]]:
         """``(level, spec)`` pairs in declaration order (host outward)."""
@@ -371,6 +424,17 @@ class Processing:
     pe_cpu: int = _param(20 * NS, "duration", "PE_CPU handling time per message")
     pe_dma: int = _param(10 * NS, "duration", "PE_DMA handling time per command")
     pe_mmu: int = _param(5 * NS, "duration", "PE_MMU handling time per map/unmap message")
+    pe_mmu_entry: int = _param(1 * NS, "duration", "PE_MMU handling time per map/unmap entry")
+
+
+@attrs.frozen
+class DmaConfig:
+    """The DMA engine of each PE, used by every transfer the PE makes."""
+
+    outstanding: int = _param(16, "count", "transfers one DMA engine keeps in flight at once", minimum=1)
+    translate: int = _param(2 * NS, "duration", "MMU lookup per VA access (without a TLB)")
+    tlb_entries: int = _param(0, "count", "pages the DMA engine's TLB holds (0 = no TLB)")
+    tlb_miss: int = _param(50 * NS, "duration", "page walk on a TLB miss (per missing page)")
 
 
 @attrs.frozen
@@ -391,6 +455,7 @@ class DeviceConfig:
     compute: ComputeConfig = attrs.field(
         factory=ComputeConfig, metadata=_doc("PE compute speed and kernel launch cost")
     )
+    dma: DmaConfig = attrs.field(factory=DmaConfig, metadata=_doc("the DMA engine of each PE"))
     processing: Processing = attrs.field(
         factory=Processing, metadata=_doc("per-message handling time of each block type")
     )
@@ -775,6 +840,22 @@ def _cross_problems(cfg: DeviceConfig) -> list[tuple[str, str]]:
                 f"at most {MAX_PES} PEs are supported",
             )
         )
+    choices = (
+        ("topology.cube_network", t.cube_network, ("ring", "mesh2d", "torus2d")),
+        ("topology.sip_network", t.sip_network, ("full", "ring")),
+        ("memory.hbm_scope", m.hbm_scope, ("cube", "sip")),
+        ("fabric.model", cfg.fabric.model, ("flow", "packet")),
+    )
+    for key, value, allowed in choices:
+        if value not in allowed:
+            out.append((key, f"{value!r} is not one of {', '.join(allowed)}"))
+    if t.cube_network in ("mesh2d", "torus2d") and t.cubes_per_sip % t.cube_cols:
+        out.append(
+            (
+                "topology.cube_cols",
+                f"{t.cube_cols} columns do not divide {t.cubes_per_sip} cubes into a {t.cube_network} grid",
+            )
+        )
     page = _fmt_size(m.page_size)
     if m.hbm_base < m.sram_per_pe:
         out.append(
@@ -830,6 +911,7 @@ _CONFIG_CLASSES: Final = (
     FabricConfig,
     Links,
     ComputeConfig,
+    DmaConfig,
     Processing,
     DeviceConfig,
 )

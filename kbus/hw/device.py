@@ -1,22 +1,29 @@
 """The device: topology builder, routing, DMA data movement and the host port.
 
-``build_device(sim, config)`` lays out the blocks and links of every SIP, cube
-and PE, starts each block's service loop on ``sim`` and returns a
-:class:`Device`. Scripts talk to it by protocol messages through
+``build_device(sim, config)`` lays out the blocks, links and memory channels
+of every SIP, cube and PE, starts each block's service loop on ``sim`` and
+returns a :class:`Device`. Scripts talk to it by protocol messages through
 :meth:`Device.request`, from any coroutine on the loop.
 
 Topology and routes
 -------------------
 * Per SIP: PCIE_EP and IO_CPU; the host has a link pair to every PCIE_EP, and
-  every pair of SIPs has a link pair between their IO_CPUs (a full mesh).
-* Per cube: M_CPU, NOC and HBM; the cubes of a SIP form a bidirectional ring of
-  NOC links (``noc_hop``), routed the short way round (ties go up).
+  every pair of SIPs has a control link pair between their IO_CPUs (for
+  forwarded requests only).
+* Per cube: M_CPU, NOC and HBM; the cubes of a SIP are wired by
+  ``topology.cube_network`` (ring, mesh2d, torus2d; ``noc_hop`` links) and
+  routed the short way round or in dimension order.
+* SIP data links (``sip_data``) join the cube-0 NOCs of the SIPs as a full
+  mesh or a ring (``topology.sip_network``); data between SIPs never crosses a
+  control CPU.
 * Per PE: PE_CPU, PE_DMA, PE_MMU and SRAM; one ``noc_pe`` link pair joins a
-  PE's blocks to the NOC, and PE_DMA has a link pair to SRAM and to HBM.
+  PE's blocks to the NOC, and its DMA engine has a port pair to SRAM and to HBM.
+* Memory channels: each PE's SRAM, each cube's (or SIP's) HBM.
 
-Bulk data (DMA) is costed store-and-forward along the route: every hop costs
-``nbytes / bandwidth + latency`` and queues behind earlier traffic on that
-link, so figures are sums a user can redo from ``kbus info``.
+Every link and memory channel is a :class:`~kbus.hw.network.NetLink` of one
+:class:`~kbus.hw.network.Network`: control messages and bulk data share them
+as flows (max-min fair, pipelined; see ``kbus/hw/network.py``). Every data
+path of a PE goes through its :class:`~kbus.hw.dma.DmaEngine`.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from ..protocol import (
     KernelLaunchMsg,
     MemoryReadMsg,
     MemoryWriteMsg,
+    MmuMapMsg,
+    MmuUnmapMsg,
     PeDmaMsg,
     ResponseMsg,
     roundtrip,
 )
-from ..protocol.fabric import Completion, DmaCommand
-from ..sim import Block, Inbox, Link, Sim, SimFuture
+from ..protocol.fabric import DmaCommand
+from ..sim import Block, Inbox, Sim, SimFuture
 from ..sim.units import format_time
 from .blocks import (
     REQUESTS,
@@ -60,8 +69,10 @@ from .blocks import (
     as_bytes,
 )
 from .config import DeviceConfig
+from .dma import DmaEngine, Leg, Transfer
+from .network import NetLink, Network, cube_edges, cube_route, ring_walk, sip_edges
 
-__all__ = ["BlockStats", "Device", "KernelFn", "PeNode", "build_device"]
+__all__ = ["BlockStats", "Device", "KernelFn", "LinkStats", "PeNode", "build_device"]
 
 Coord = tuple[int, int, int]
 KernelFn = Callable[[PeCpu, KernelLaunchMsg], Awaitable[tuple[str | None, int | float | None]]]
@@ -81,10 +92,16 @@ class PeNode:
     dma: PeDma
     mmu: PeMmu
     sram: SramBlock
-    up_link: Link
-    down_link: Link
-    sram_links: tuple[Link, Link]
-    hbm_links: tuple[Link, Link]
+    up_link: NetLink
+    down_link: NetLink
+    sram_links: tuple[NetLink, NetLink]
+    hbm_links: tuple[NetLink, NetLink]
+    sram_channel: NetLink
+    """The PE's SRAM as a shared resource (its own DMA and remote PEs' reads share it)."""
+    hbm_channel: NetLink
+    """The HBM this PE's slice lives in, shared by every PE of the cube (or SIP)."""
+    engine: DmaEngine = attrs.field(init=False)
+    """The PE's one DMA engine (every data path of the PE goes through it)."""
 
 
 @attrs.frozen
@@ -99,6 +116,23 @@ class BlockStats:
     busy_ps: int
     utilisation: float
     max_inbox_depth: int
+
+
+@attrs.frozen
+class LinkStats:
+    """Traffic of one link or memory channel at the time :meth:`Device.link_stats` was called."""
+
+    name: str
+    level: str
+    kind: str
+    flows: int
+    bytes: int
+    busy_ps: int
+    busy: float
+    """Busy fraction of the elapsed time: the integral of the allocated rate over bandwidth (<= 1)."""
+    queue_mean_ps: float
+    """Mean queueing delay of the flows that crossed it (drain time minus the idle drain time)."""
+    queue_p99_ps: int
 
 
 class _Pending:
@@ -124,7 +158,11 @@ class Device:
         self.wire = wire
         self.transform: Callable[[Any], Any] | None = roundtrip if wire else None
         self.blocks: dict[str, Block] = {}
-        self.links: dict[str, Link] = {}
+        self.net = Network(sim, model=config.fabric.model, packet_bytes=config.fabric.packet_bytes)
+        """The data plane every link and memory channel belongs to."""
+        self.links: dict[str, NetLink] = {}
+        self.channels: dict[str, NetLink] = {}
+        """Memory channels by name: each PE's SRAM, each cube's (or SIP's) HBM."""
         self.builtins: dict[str, KernelFn] = {"nop": _nop}
         """Builtin kernels by name; ``KernelRef(kind="builtin", name=...)`` looks here."""
         self.deployed_resolver: Callable[[PeCpu, KernelLaunchMsg], Awaitable[tuple[str | None, Any]]] | None = None
@@ -135,28 +173,38 @@ class Device:
         """Responses that matched no pending request (kept, never dropped silently)."""
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._host_buffers: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
-        self._completions: dict[str, SimFuture[Completion]] = {}
-        self._staged: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
-        self._routes: dict[tuple[Coord, Coord], list[Link]] = {}
-        self._reversed: dict[int, list[Link]] = {}
+        self._routes: dict[tuple[Coord, Coord], list[NetLink]] = {}
+        self._reversed: dict[int, list[NetLink]] = {}
         self._route_ids: set[int] = set()
-        self._tokens = itertools.count()
         self._build()
 
     # ------------------------------------------------------------------ build
-    def _link(self, src: str, dst: str, level: str) -> Link:
+    def _link(self, src: str, dst: str, level: str) -> NetLink:
         spec = getattr(self.config.links, level)
         name = f"{src}->{dst}"
-        link = Link(self.sim, latency=spec.latency, bandwidth=spec.bandwidth, name=name)
+        if name in self.links:
+            raise ValueError(f"link {name!r} is wired twice")
+        link = NetLink(self.net, name, spec.latency, spec.bandwidth, level)
         self.links[name] = link
         return link
+
+    def _pair(self, a: str, b: str, level: str) -> tuple[NetLink, NetLink]:
+        """Links ``a->b`` and ``b->a``, each recorded as the other's reverse."""
+        ab, ba = self._link(a, b, level), self._link(b, a, level)
+        ab.reverse, ba.reverse = ba, ab
+        return ab, ba
+
+    def _channel(self, name: str, latency: int, bandwidth: int, level: str) -> NetLink:
+        ch = NetLink(self.net, name, latency, bandwidth, level, kind="memory")
+        self.channels[name] = ch
+        return ch
 
     def _add(self, block: Block) -> None:
         self.blocks[block.name] = block
 
     def _build(self) -> None:
         cfg = self.config
-        topo = cfg.topology
+        topo, mem = cfg.topology, cfg.memory
         S, C, P = topo.sips, topo.cubes_per_sip, topo.pes_per_cube
         self.host_inbox: Inbox[ResponseMsg] = Inbox(
             self.sim, (ResponseMsg,), cfg.fabric.inbox_capacity, name="host", transform=self.transform
@@ -167,28 +215,33 @@ class Device:
         self.nocs: list[list[Noc]] = []
         self.hbms: list[list[HbmBlock]] = []
         self.pes: list[list[list[PeNode]]] = []
-        self.host_links: list[Link] = []
-        self._noc_ring: list[list[dict[int, Link]]] = []
+        self.host_links: list[NetLink] = []
+        self._noc_adj: list[list[dict[int, NetLink]]] = []
+        self._sip_adj: list[dict[int, NetLink]] = [{} for _ in range(S)]
+        hbm_bw = mem.hbm_channels * mem.hbm_channel_bandwidth
         for s in range(S):
             ep = PcieEp(self, s)
             io = IoCpu(self, s)
             self._add(ep)
             self._add(io)
-            self.host_links.append(self._link("host", ep.name, "host_pcie"))
-            ep.up_link, ep.up_inbox = self._link(ep.name, "host", "host_pcie"), self.host_inbox
-            ep.io_link, ep.io = self._link(ep.name, io.name, "pcie_io"), io
-            io.up_link, io.up_inbox = self._link(io.name, ep.name, "pcie_io"), ep.resp_inbox
+            down, ep.up_link = self._pair("host", ep.name, "host_pcie")
+            self.host_links.append(down)
+            ep.up_inbox = self.host_inbox
+            ep.io_link, io.up_link = self._pair(ep.name, io.name, "pcie_io")
+            ep.io, io.up_inbox = io, ep.resp_inbox
             self.pcie_eps.append(ep)
             self.io_cpus.append(io)
+            sip_hbm = self._channel(f"sip{s}.hbm", mem.hbm_latency, hbm_bw, "hbm") if mem.hbm_scope == "sip" else None
             mcpus, nocs, hbms, cubes = [], [], [], []
             for c in range(C):
                 m, noc, hbm = MCpu(self, s, c), Noc(self, s, c), HbmBlock(self, s, c)
                 for blk in (m, noc, hbm):
                     self._add(blk)
-                io.mcpu_links[c] = self._link(io.name, m.name, "io_mcpu")
-                m.up_link, m.up_inbox = self._link(m.name, io.name, "io_mcpu"), io.resp_inbox
-                m.noc_link, m.noc = self._link(m.name, noc.name, "mcpu_noc"), noc
-                noc.up_link, noc.up_inbox = self._link(noc.name, m.name, "mcpu_noc"), m.resp_inbox
+                hbm_ch = sip_hbm or self._channel(hbm.name, mem.hbm_latency, hbm_bw, "hbm")
+                io.mcpu_links[c], m.up_link = self._pair(io.name, m.name, "io_mcpu")
+                m.up_inbox = io.resp_inbox
+                m.noc_link, noc.up_link = self._pair(m.name, noc.name, "mcpu_noc")
+                m.noc, noc.up_inbox = noc, m.resp_inbox
                 nodes = []
                 for p in range(P):
                     cpu, dma, mmu, sram = (
@@ -200,25 +253,22 @@ class Device:
                     for pe_blk in (cpu, dma, mmu, sram):
                         self._add(pe_blk)
                     pe_path = cpu.pe_path
-                    down = self._link(noc.name, pe_path, "noc_pe")
-                    noc.pe_links.append(down)
+                    down_l, up_l = self._pair(noc.name, pe_path, "noc_pe")
+                    noc.pe_links.append(down_l)
                     node = PeNode(
                         coord=(s, c, p),
                         cpu=cpu,
                         dma=dma,
                         mmu=mmu,
                         sram=sram,
-                        up_link=self._link(pe_path, noc.name, "noc_pe"),
-                        down_link=down,
-                        sram_links=(
-                            self._link(dma.name, sram.name, "dma_sram"),
-                            self._link(sram.name, dma.name, "dma_sram"),
-                        ),
-                        hbm_links=(
-                            self._link(dma.name, f"{hbm.name}.pe{p}", "dma_hbm"),
-                            self._link(f"{hbm.name}.pe{p}", dma.name, "dma_hbm"),
-                        ),
+                        up_link=up_l,
+                        down_link=down_l,
+                        sram_links=self._pair(dma.name, sram.name, "dma_sram"),
+                        hbm_links=self._pair(dma.name, f"{hbm.name}.pe{p}", "dma_hbm"),
+                        sram_channel=self._channel(sram.name, mem.sram_latency, mem.sram_bandwidth, "sram"),
+                        hbm_channel=hbm_ch,
                     )
+                    node.engine = DmaEngine(self, (s, c, p), dma, mmu)
                     nodes.append(node)
                 mcpus.append(m)
                 nocs.append(noc)
@@ -228,18 +278,18 @@ class Device:
             self.nocs.append(nocs)
             self.hbms.append(hbms)
             self.pes.append(cubes)
-            ring: list[dict[int, Link]] = [{} for _ in range(C)]
-            if C > 1:
-                for c in range(C):
-                    nxt, prev = (c + 1) % C, (c - 1) % C
-                    ring[c][nxt] = self._link(nocs[c].name, nocs[nxt].name, "noc_hop")
-                    if C > 2:
-                        ring[c][prev] = self._link(nocs[c].name, nocs[prev].name, "noc_hop")
-            self._noc_ring.append(ring)
+            adj: list[dict[int, NetLink]] = [{} for _ in range(C)]
+            for a, b in cube_edges(topo.cube_network, C, topo.cube_cols):
+                adj[a][b], adj[b][a] = self._pair(nocs[a].name, nocs[b].name, "noc_hop")
+            self._noc_adj.append(adj)
         for sa in range(S):
             for sb in range(S):
                 if sa != sb:
+                    # Control messages between IO_CPUs (SipForward); data has its own links below.
                     self.io_cpus[sa].sip_links[sb] = self._link(self.io_cpus[sa].name, self.io_cpus[sb].name, "sip_sip")
+        for a, b in sip_edges(topo.sip_network, S):
+            na, nb = self.nocs[a][0].name, self.nocs[b][0].name
+            self._sip_adj[a][b], self._sip_adj[b][a] = self._pair(na, nb, "sip_data")
         self.sim.spawn(self._host_loop(), name="host", daemon=True)
         for block in self.blocks.values():
             block.start()
@@ -382,7 +432,7 @@ class Device:
         sip = self._entry_sip(msg)
         sent = False
         try:
-            await self.host_links[sip].send(msg, self.pcie_eps[sip].inbox, self.config.fabric.msg_bytes)
+            await self.host_links[sip].send(msg, self.pcie_eps[sip].inbox, self.wire_bytes(msg))
             sent = True
             responses = await fut
         except BaseException:
@@ -428,49 +478,55 @@ class Device:
                     p.future.set_result(result)
 
     # ------------------------------------------------------------ data moves
-    def route(self, src: Coord, dst: Coord) -> list[Link]:
-        """Links a transfer from PE ``src`` to PE ``dst`` crosses (empty when local)."""
+    def route(self, src: Coord, dst: Coord) -> list[NetLink]:
+        """Links a transfer from PE ``src`` to PE ``dst`` crosses (empty when local).
+
+        Within a SIP: up to the NOC, the cube network (dimension-order for
+        mesh/torus: columns first, then rows; the short way round on a ring or
+        a torus dimension, ties going up), down to the PE. Across SIPs: to the
+        source SIP's cube-0 NOC, over the SIP data links (direct on a full
+        mesh, the short way round on a ring), then from the target's cube 0.
+        """
         key = (src, dst)
         r = self._routes.get(key)
         if r is not None:
             return r
+        check = self.config.check_coords
+        check(*src)  # a ValueError naming the coordinate, not an IndexError
+        check(*dst)
         if src == dst:
             r = []
         else:
             (sa, ca, pa), (sb, cb, pb) = src, dst
             a, b = self.pes[sa][ca][pa], self.pes[sb][cb][pb]
             if sa == sb:
-                r = [a.up_link, *self._ring_path(sa, ca, cb), b.down_link]
+                r = [a.up_link, *self._cube_path(sa, ca, cb), b.down_link]
             else:
                 r = [
                     a.up_link,
-                    self.nocs[sa][ca].up_link,
-                    self.mcpus[sa][ca].up_link,
-                    self.io_cpus[sa].sip_links[sb],
-                    self.io_cpus[sb].mcpu_links[cb],
-                    self.mcpus[sb][cb].noc_link,
+                    *self._cube_path(sa, ca, 0),
+                    *self._sip_path(sa, sb),
+                    *self._cube_path(sb, 0, cb),
                     b.down_link,
                 ]
         self._routes[key] = r
         self._route_ids.add(id(r))
         return r
 
-    def _ring_path(self, sip: int, a: int, b: int) -> list[Link]:
-        n = self.config.topology.cubes_per_sip
-        if a == b:
-            return []
-        fwd = (b - a) % n
-        step = 1 if fwd <= n - fwd else -1
-        ring = self._noc_ring[sip]
-        out = []
-        c = a
-        while c != b:
-            nxt = (c + step) % n
-            out.append(ring[c][nxt])
-            c = nxt
-        return out
+    def _cube_path(self, sip: int, a: int, b: int) -> list[NetLink]:
+        topo = self.config.topology
+        adj = self._noc_adj[sip]
+        return [
+            adj[x][y]
+            for x, y in itertools.pairwise(cube_route(topo.cube_network, topo.cubes_per_sip, topo.cube_cols, a, b))
+        ]
 
-    def host_path(self, pe: Coord, *, down: bool) -> list[Link]:
+    def _sip_path(self, a: int, b: int) -> list[NetLink]:
+        topo = self.config.topology
+        hops = [a, b] if topo.sip_network == "full" else ring_walk(topo.sips, a, b)
+        return [self._sip_adj[x][y] for x, y in itertools.pairwise(hops)]
+
+    def host_path(self, pe: Coord, *, down: bool) -> list[NetLink]:
         """Links between the host and PE ``pe`` (host->PE if ``down``)."""
         s, c, p = pe
         node = self.pes[s][c][p]
@@ -490,31 +546,64 @@ class Device:
             self.pcie_eps[s].up_link,
         ]
 
-    async def _travel(self, links: list[Link], nbytes: int) -> None:
-        """Book ``links`` in order for ``nbytes`` (store-and-forward) and wait for the arrival."""
-        if not links:
-            return
-        sim = self.sim
-        t = sim.now
-        for link in links:
-            t = link.reserve(t, nbytes)
-        if t > sim.now:
-            await sim.sleep(t - sim.now)
+    def memory_of(self, owner: Coord, pa: int, nbytes: int) -> tuple[MemoryBlock, tuple[NetLink, NetLink]]:
+        """The memory block holding ``[pa, pa+nbytes)`` on PE ``owner`` and its DMA port links.
 
-    def memory_of(self, owner: Coord, pa: int, nbytes: int) -> tuple[MemoryBlock, tuple[Link, Link]]:
-        """The memory block holding ``[pa, pa+nbytes)`` on PE ``owner``; ValueError names the range."""
+        ValueError names the range and the PE's memories.
+        """
+        mem, ports, _ = self.memory_path(owner, pa, nbytes)
+        return mem, ports
+
+    def memory_path(self, owner: Coord, pa: int, nbytes: int) -> tuple[MemoryBlock, tuple[NetLink, NetLink], NetLink]:
+        """:meth:`memory_of` plus the shared memory channel (SRAM of the PE, HBM of its cube or SIP)."""
         mem = self.config.memory
         s, c, p = owner
         node = self.pes[s][c][p]
         end = pa + nbytes
         if pa >= 0 and end <= mem.sram_per_pe:
-            return node.sram, node.sram_links
+            return node.sram, node.sram_links, node.sram_channel
         if mem.hbm_base <= pa and end <= mem.hbm_base + mem.hbm_per_pe:
-            return self.hbms[s][c], node.hbm_links
+            return self.hbms[s][c], node.hbm_links, node.hbm_channel
         raise ValueError(
             f"pa range [{pa:#x}, {end:#x}) is outside the memory of {node.cpu.pe_path} "
             f"(SRAM [0x0, {mem.sram_per_pe:#x}), HBM [{mem.hbm_base:#x}, {mem.hbm_base + mem.hbm_per_pe:#x}))"
         )
+
+    def dma_legs(self, src: Coord, owner: Coord, pa: int, nbytes: int, *, write: bool) -> list[Leg]:
+        """The two legs of a DMA by PE ``src`` on ``[pa, pa+nbytes)`` of PE ``owner``'s memory.
+
+        A write carries data + descriptor over the route, the owner's DMA->memory
+        port and the memory channel, and a completion descriptor back over the
+        port and the reverse route. A read sends the descriptor over the route
+        and the port, and brings data + completion back over the channel, the
+        port and the reverse route. ``fabric.msg_bytes`` is one descriptor.
+        """
+        _, (to_mem, from_mem), channel = self.memory_path(owner, pa, nbytes)
+        path = self.route(src, owner)
+        back = self._reverse(path)
+        m = self.config.fabric.msg_bytes
+        if write:
+            return [([*path, to_mem, channel], m + nbytes), ([from_mem, *back], m)]
+        return [([*path, to_mem], m), ([channel, from_mem, *back], m + nbytes)]
+
+    def _reverse(self, path: list[NetLink]) -> list[NetLink]:
+        """The way back along ``path``: each link's recorded reverse, last hop first (cached per route)."""
+        if not path:
+            return path
+        back = self._reversed.get(id(path))
+        if back is None:
+            back = []
+            for link in reversed(path):
+                assert link.reverse is not None, f"link {link.name!r} has no reverse"
+                back.append(link.reverse)
+            if id(path) in self._route_ids:  # a cached route lives as long as the device
+                self._reversed[id(path)] = back
+        return back
+
+    def engine(self, pe: Coord) -> DmaEngine:
+        """The DMA engine of PE ``pe``."""
+        s, c, p = pe
+        return self.pes[s][c][p].engine
 
     async def _dma(
         self,
@@ -526,67 +615,54 @@ class Device:
         *,
         pattern: str | None = None,
         data: np.ndarray[Any, Any] | None = None,
-        host_buffer: str | None = None,
-        host_offset: int = 0,
+        extra: int = 0,
         rid: str = "",
         cid: str = "",
     ) -> tuple[str | None, np.ndarray[Any, np.dtype[np.uint8]] | None]:
-        """One DMA command from PE ``src`` against the memory of PE ``owner``.
+        """One DMA by PE ``src``'s engine against the memory of PE ``owner``: (error or None, bytes read)."""
+        job = self._start_dma(src, owner, op, pa, nbytes, pattern=pattern, data=data, extra=extra, rid=rid, cid=cid)
+        if isinstance(job, str):
+            return job, None
+        err = await job.done
+        return err, job.data
 
-        Costs: the command (plus write data) travels the route and the
-        owner's DMA->memory link; the completion (plus read data) travels back.
-        """
+    def _start_dma(
+        self,
+        src: Coord,
+        owner: Coord,
+        op: str,
+        pa: int,
+        nbytes: int,
+        *,
+        pattern: str | None = None,
+        data: np.ndarray[Any, Any] | None = None,
+        extra: int = 0,
+        rid: str = "",
+        cid: str = "",
+    ) -> Transfer | str:
+        """Submit one DMA to PE ``src``'s engine; the transfer, or why it cannot start."""
         where = "sip{}.cube{}.pe{}".format(*owner)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            return f"{where}: nbytes must be > 0, got {nbytes!r}", None
+            return f"{where}: nbytes must be > 0, got {nbytes!r}"
         if isinstance(pa, bool) or not isinstance(pa, int):
-            return f"{where}: pa must be an int, got {pa!r}", None
+            return f"{where}: pa must be an int, got {pa!r}"
         try:
-            mem, (to_mem, from_mem) = self.memory_of(owner, pa, nbytes)
+            mem, _, _ = self.memory_path(owner, pa, nbytes)
+            legs = self.dma_legs(src, owner, pa, nbytes, write=op != "read")
         except ValueError as exc:
-            return f"{where}: {exc}", None
-        msg_b = self.config.fabric.msg_bytes
-        token = f"dma{next(self._tokens)}"
-        if data is not None:
-            self._staged[token] = as_bytes(data)
-        path = self.route(src, owner)
-        down_bytes = msg_b + (nbytes if op in ("write", "fill") else 0)
-        await self._travel([*path, to_mem], down_bytes)
-        fut: SimFuture[Completion] = self.sim.create_future(f"{mem.name} completion of {token}")
-        self._completions[token] = fut
+            return f"{where}: {exc}"
         cmd = DmaCommand(
-            cid,
-            token,
-            owner[0],
-            owner[1],
-            owner[2],
-            op,  # type: ignore[arg-type]
-            pa,
-            nbytes,
-            host_buffer,
-            host_offset,
-            pattern,
+            correlation_id=cid,
+            request_id=rid,
+            sip=owner[0],
+            cube=owner[1],
+            pe=owner[2],
+            op=op,  # type: ignore[arg-type]
+            addr=pa,
+            nbytes=nbytes,
+            pattern=pattern,
         )
-        await mem.inbox.put(cmd)
-        comp = await fut
-        up_bytes = msg_b + (nbytes if op == "read" else 0)
-        await self._travel([from_mem, *self._reverse(path)], up_bytes)
-        out = self._staged.pop(token, None)
-        return comp.error, out
-
-    def _reverse(self, path: list[Link]) -> list[Link]:
-        """The way back along ``path``: each link's opposite direction, last hop first.
-
-        Routes are cached lists, so the way back is cached by the route's identity
-        (every DMA needs it; building it splits link names).
-        """
-        back = self._reversed.get(id(path))
-        if back is None:
-            links = self.links
-            back = [links["->".join(reversed(link.name.split("->")))] for link in reversed(path)]
-            if id(path) in self._route_ids:  # a cached route lives as long as the device
-                self._reversed[id(path)] = back
-        return back
+        return self.engine(src).submit(legs, action=_act(mem, cmd, data), extra=extra, what=f"{op} {where} {pa:#x}")
 
     async def dma(
         self,
@@ -615,16 +691,39 @@ class Device:
         rid: str = "",
         cid: str = "",
     ) -> str | None:
-        """PE_DMA of ``pe`` reads ``nbytes`` of a host buffer across PCIe into its memory at ``pa``."""
+        """PE ``pe``'s DMA engine pulls ``nbytes`` of a host buffer across PCIe into its memory at ``pa``.
+
+        Legs: a read request up to the host, the data (+ descriptor) down the
+        host path into the memory, the completion from the memory to the engine.
+        """
         problem = self._check_host_range(pe, host_buffer, host_offset, nbytes)
         if problem:
             return problem
-        await self._travel(self.host_path(pe, down=False), self.config.fabric.msg_bytes)  # the read request
-        await self._travel(self.host_path(pe, down=True), nbytes)  # the data
-        err, _ = await self._dma(
-            pe, pe, "write", pa, nbytes, host_buffer=host_buffer, host_offset=host_offset, rid=rid, cid=cid
+        where = "sip{}.cube{}.pe{}".format(*pe)
+        try:
+            mem, (to_mem, from_mem), channel = self.memory_path(pe, pa, nbytes)
+        except ValueError as exc:
+            return f"{where}: {exc}"
+        m = self.config.fabric.msg_bytes
+        legs: list[Leg] = [
+            (self.host_path(pe, down=False), m),
+            ([*self.host_path(pe, down=True), to_mem, channel], m + nbytes),
+            ([from_mem], m),
+        ]
+        cmd = DmaCommand(
+            correlation_id=cid,
+            request_id=rid,
+            sip=pe[0],
+            cube=pe[1],
+            pe=pe[2],
+            op="write",
+            addr=pa,
+            nbytes=nbytes,
+            host_buffer=host_buffer,
+            host_offset=host_offset,
         )
-        return err
+        job = self.engine(pe).submit(legs, action=_act(mem, cmd, None), after=1, what=f"host write {where} {pa:#x}")
+        return await job.done
 
     async def pe_to_host(
         self,
@@ -637,16 +736,37 @@ class Device:
         rid: str = "",
         cid: str = "",
     ) -> str | None:
-        """PE_DMA of ``pe`` writes ``nbytes`` at ``pa`` across PCIe into a host buffer."""
-        problem = self._check_host_range(pe, host_buffer, host_offset, nbytes)
-        if problem:
-            return problem
-        err, _ = await self._dma(
-            pe, pe, "read", pa, nbytes, host_buffer=host_buffer, host_offset=host_offset, rid=rid, cid=cid
+        """PE ``pe``'s DMA engine pushes ``nbytes`` at ``pa`` across PCIe into a host buffer.
+
+        Legs: the descriptor to the memory, then the data (+ completion) from
+        the memory channel up the host path.
+        """
+        if host_buffer is not None or isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            problem = self._check_host_range(pe, host_buffer, host_offset, nbytes)
+            if problem:
+                return problem
+        # else: a seed-form read without host buffer, timed in full; the host discards the bytes.
+        where = "sip{}.cube{}.pe{}".format(*pe)
+        try:
+            mem, (to_mem, from_mem), channel = self.memory_path(pe, pa, nbytes)
+        except ValueError as exc:
+            return f"{where}: {exc}"
+        m = self.config.fabric.msg_bytes
+        legs: list[Leg] = [([to_mem], m), ([channel, from_mem, *self.host_path(pe, down=False)], m + nbytes)]
+        cmd = DmaCommand(
+            correlation_id=cid,
+            request_id=rid,
+            sip=pe[0],
+            cube=pe[1],
+            pe=pe[2],
+            op="read",
+            addr=pa,
+            nbytes=nbytes,
+            host_buffer=host_buffer,
+            host_offset=host_offset,
         )
-        if err is None:
-            await self._travel(self.host_path(pe, down=False), nbytes)
-        return err
+        job = self.engine(pe).submit(legs, action=_act(mem, cmd, None), what=f"host read {where} {pa:#x}")
+        return await job.done
 
     def _check_host_range(self, pe: Coord, name: str | None, offset: int, nbytes: int) -> str | None:
         """Why a host-buffer transfer by PE_DMA of ``pe`` cannot run (naming the DMA), or None."""
@@ -662,52 +782,62 @@ class Device:
             return f"{where}: host buffer {name!r} range [{offset}, {offset + nbytes}) exceeds its {buf.nbytes} bytes"
         return None
 
-    async def read_physical(self, src: Coord, seg: Segment) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    async def read_physical(self, src: Coord, seg: Segment, *, extra: int = 0) -> np.ndarray[Any, np.dtype[np.uint8]]:
         """Read one physical segment into the PE ``src`` (raises DeviceError on failure)."""
-        err, data = await self._dma(src, (seg.sip, seg.cube, seg.pe), "read", seg.pa, seg.nbytes)
+        err, data = await self._dma(src, (seg.sip, seg.cube, seg.pe), "read", seg.pa, seg.nbytes, extra=extra)
         if err is not None or data is None:
             raise DeviceError(err or "read returned no data")
         return data
 
-    async def write_physical(self, src: Coord, seg: Segment, data: np.ndarray[Any, Any]) -> None:
+    async def write_physical(self, src: Coord, seg: Segment, data: np.ndarray[Any, Any], *, extra: int = 0) -> None:
         """Write bytes from PE ``src`` into one physical segment (raises DeviceError on failure)."""
-        err, _ = await self._dma(src, (seg.sip, seg.cube, seg.pe), "write", seg.pa, seg.nbytes, data=data)
+        err, _ = await self._dma(src, (seg.sip, seg.cube, seg.pe), "write", seg.pa, seg.nbytes, data=data, extra=extra)
         if err is not None:
             raise DeviceError(err)
 
     async def read_va(self, src: Coord, va: int, nbytes: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """Read ``[va, va+nbytes)`` as seen by PE ``src``'s MMU (PageFault if unmapped)."""
-        s, c, p = src
-        segs = self.pes[s][c][p].mmu.translate(va, nbytes)
+        """Read ``[va, va+nbytes)`` as seen by PE ``src``'s MMU (PageFault if unmapped).
+
+        The engine translates synchronously (charging the lookup on the first
+        segment's issue) and issues one transfer per physical segment at once.
+        """
+        segs, cost = self.engine(src).translate(va, nbytes)
         if len(segs) == 1:
-            return await self.read_physical(src, segs[0])
-        return np.concatenate([await self.read_physical(src, seg) for seg in segs])
+            return await self.read_physical(src, segs[0], extra=cost)
+        jobs = [
+            self._start_dma(src, (seg.sip, seg.cube, seg.pe), "read", seg.pa, seg.nbytes, extra=cost if i == 0 else 0)
+            for i, seg in enumerate(segs)
+        ]
+        parts = []
+        for job in jobs:
+            err = job if isinstance(job, str) else await job.done
+            if err is not None or isinstance(job, str) or job.data is None:
+                raise DeviceError(err or "read returned no data")
+            parts.append(job.data)
+        return np.concatenate(parts)
 
     async def write_va(self, src: Coord, va: int, data: np.ndarray[Any, Any]) -> None:
-        """Write ``data`` at ``va`` as seen by PE ``src``'s MMU (PageFault if unmapped)."""
+        """Write ``data`` at ``va`` as seen by PE ``src``'s MMU (PageFault if unmapped).
+
+        One transfer per physical segment, all issued at once through the engine.
+        """
         raw = as_bytes(data)
-        s, c, p = src
+        segs, cost = self.engine(src).translate(va, raw.nbytes)
+        jobs = []
         off = 0
-        for seg in self.pes[s][c][p].mmu.translate(va, raw.nbytes):
-            await self.write_physical(src, seg, raw[off : off + seg.nbytes])
+        for i, seg in enumerate(segs):  # issued at once, like read_va
+            part = raw[off : off + seg.nbytes]
+            owner = (seg.sip, seg.cube, seg.pe)
+            jobs.append(
+                self._start_dma(src, owner, "write", seg.pa, seg.nbytes, data=part, extra=cost if i == 0 else 0)
+            )
             off += seg.nbytes
+        for job in jobs:
+            err = job if isinstance(job, str) else await job.done
+            if err is not None:
+                raise DeviceError(err)
 
     # --------------------------------------------- helpers used by the blocks
-    def complete(self, token: str, completion: Completion) -> None:
-        fut = self._completions.pop(token, None)
-        if fut is None:
-            raise KeyError(f"completion for unknown DMA command {token!r}")
-        fut.set_result(completion)
-
-    def stage(self, token: str, data: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
-        self._staged[token] = data
-
-    def take_staged(self, token: str) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        try:
-            return self._staged.pop(token)
-        except KeyError:
-            raise KeyError(f"DMA command {token!r} has no staged data") from None
-
     def check_map_entry(self, e: Any) -> str | None:
         """Why a map entry is invalid (owner out of range, PA outside its memory), or None."""
         try:
@@ -752,12 +882,11 @@ class Device:
         return out
 
     def level_stats(self) -> dict[str, dict[str, float]]:
-        """Link traffic per fabric level (messages, bytes, busy ps, utilisation)."""
+        """Traffic per fabric level and memory kind (resources, messages, bytes, busy ps, utilisation)."""
         now = self.sim.now or 1
         levels: dict[str, dict[str, float]] = {}
-        for name, link in self.links.items():
-            level = _level_of(name)
-            d = levels.setdefault(level, {"links": 0, "messages": 0, "bytes": 0, "busy_ps": 0})
+        for link in (*self.links.values(), *self.channels.values()):
+            d = levels.setdefault(link.level, {"links": 0, "messages": 0, "bytes": 0, "busy_ps": 0})
             d["links"] += 1
             d["messages"] += link.messages
             d["bytes"] += link.bytes
@@ -765,6 +894,33 @@ class Device:
         for d in levels.values():
             d["utilisation"] = d["busy_ps"] / (now * d["links"])
         return levels
+
+    def link_stats(self) -> dict[str, LinkStats]:
+        """Per link and memory channel: flows, bytes, busy fraction (<= 1) and queueing delay (mean, p99)."""
+        now = self.sim.now or 1
+        out = {}
+        for link in (*self.links.values(), *self.channels.values()):
+            _, mean, p99 = link.queueing()
+            busy = link.busy_ps
+            out[link.name] = LinkStats(
+                link.name, link.level, link.kind, link.messages, link.bytes, busy, busy / now, mean, p99
+            )
+        return out
+
+    def wire_bytes(self, msg: Any) -> int:
+        """Bytes ``msg`` occupies on a link, by the size model of ``fabric``.
+
+        One descriptor (``fabric.msg_bytes``) per message, plus
+        ``fabric.map_entry_bytes`` per entry of an MmuMapMsg/MmuUnmapMsg (a
+        512-entry map is 512 times the entries of a 1-entry map). Other
+        messages carry only references (bulk data moves by DMA), so one
+        descriptor is their size.
+        """
+        fab = self.config.fabric
+        t = type(msg)
+        if t is MmuMapMsg or t is MmuUnmapMsg:
+            return fab.msg_bytes + fab.map_entry_bytes * len(msg.entries)
+        return fab.msg_bytes
 
     async def aclose(self) -> None:
         """Stop every block's service loop (the simulation itself stays usable)."""
@@ -775,26 +931,6 @@ class Device:
         return (
             f"<Device {self.config.name!r} {t.sips}x{t.cubes_per_sip}x{t.pes_per_cube} now={format_time(self.sim.now)}>"
         )
-
-
-def _level_of(link_name: str) -> str:
-    src, dst = link_name.split("->")
-    ends = {src.rsplit(".", 1)[-1], dst.rsplit(".", 1)[-1]}
-    if "host" in ends:
-        return "host_pcie"
-    if "pcie_ep" in ends:
-        return "pcie_io"
-    if "io_cpu" in ends:
-        return "sip_sip" if ends == {"io_cpu"} else "io_mcpu"
-    if "m_cpu" in ends:
-        return "mcpu_noc"
-    if ends == {"noc"}:
-        return "noc_hop"
-    if "noc" in ends:
-        return "noc_pe"
-    if "sram" in ends:
-        return "dma_sram"
-    return "dma_hbm"
 
 
 def build_device(
@@ -832,3 +968,16 @@ def build_device(
     if freeze:
         gc.freeze()
     return device
+
+
+def _act(mem: MemoryBlock, cmd: DmaCommand, data: np.ndarray[Any, Any] | None) -> Callable[[Transfer], str | None]:
+    """The action of a DMA when it reaches ``mem``: execute ``cmd`` there and keep what a read returns."""
+    raw = None if data is None else as_bytes(data)
+
+    def act(job: Transfer) -> str | None:
+        mem.msgs_in += 1
+        err, out = mem.execute(cmd, raw)
+        job.data = out
+        return err
+
+    return act

@@ -56,14 +56,23 @@ class ProbeResult:
 def expected_dma_ps(cfg: DeviceConfig, op: str, nbytes: int) -> int:
     """Analytic PE_DMA latency of a local HBM ``op`` ("read"/"write") of ``nbytes`` on an idle device.
 
-    = PE_DMA handling + the command (plus write data) over ``dma_hbm`` + the
-    completion (plus read data) back over ``dma_hbm``.
+    = the engine's issue time + two pipelined flows (see :mod:`kbus.hw.network`)
+    over the PE's ``dma_hbm`` port and the HBM (bandwidth ``hbm_channels`` x
+    ``hbm_channel_bandwidth``, access latency ``hbm_latency``):
+
+    * write: data + descriptor over port and HBM, then the completion back over the port;
+    * read: the descriptor over the port, then data + completion over HBM and the port.
+
+    A flow alone on its route takes ``ceil(bytes / narrowest bandwidth)`` plus the latency of every hop.
     """
-    link = cfg.links.dma_hbm
+    port = cfg.links.dma_hbm
+    mem = cfg.memory
+    hbm_bw = mem.hbm_channels * mem.hbm_channel_bandwidth
     m = cfg.fabric.msg_bytes
-    down = m + (nbytes if op == "write" else 0)
-    up = m + (nbytes if op == "read" else 0)
-    return cfg.processing.pe_dma + link.serialization(down) + link.latency + link.serialization(up) + link.latency
+    narrow = min(port.bandwidth, hbm_bw)
+    data = -(-(m + nbytes) * 10**12 // narrow) + port.latency + mem.hbm_latency
+    descriptor = port.serialization(m) + port.latency
+    return cfg.processing.pe_dma + data + descriptor
 
 
 def expected_round_trip_ps(cfg: DeviceConfig, op: str, nbytes: int) -> int:

@@ -12,27 +12,31 @@ An instance runs in two phases:
    is appended as a compute step (operations counted by
    :class:`~kbus.lang.language.Tile`);
 2. **replay** (:meth:`ProgramContext.replay`): the PE walks the timeline in
-   virtual time, sleeping until each command is issued and booking each link
-   with :meth:`kbus.sim.Link.reserve` *when the transfer reaches it*, so the
-   bookings of all PEs interleave in virtual-time order and shared links are
-   contended as they would be by concurrent hardware.
+   virtual time and hands each command to the PE's one DMA engine
+   (:class:`kbus.hw.dma.DmaEngine`) *when the instance reaches it*, so the
+   transfers of all PEs (and of the PE's other work: host transfers, builtin
+   kernels) share links, memory channels and the engine as concurrent
+   hardware would.
 
 Why two phases: a kernel body cannot ``await`` (it is ordinary numpy code),
-and booking links for a whole instance ahead of time would serialize every
-instance that shares a link behind the bookings of the ones that happened to
-run first.
+and costing a whole instance ahead of time would put its transfers on the
+links before those of instances that run at the same virtual time.
 
 Timing of one access (one DMA command per contiguous physical segment with
 active lanes):
 
 * the compute since the previous access costs ``compute.flops_to_ps(ops)``;
-* the PE's DMA engine takes each command in turn, ``processing.pe_dma`` apiece;
-* the command (plus the data, for a store) crosses the route from this PE to
-  the segment's owner and the owner's DMA->memory link, store-and-forward,
-  ``fabric.msg_bytes`` (+ the active lanes' bytes) per hop; the completion
-  (plus the data, for a load) comes back the same way;
-* a load holds the instance until its last segment has arrived; a store does
-  not, but the instance ends only when every store is acknowledged.
+* the engine translates the access (``dma.translate``, or the TLB's misses)
+  and issues each command in turn, ``processing.pe_dma`` apiece, at most
+  ``dma.outstanding`` in flight;
+* each command is two flows (see :meth:`kbus.hw.Device.dma_legs`): for a load
+  the descriptor to the owner's memory, then the active lanes' bytes (+ the
+  completion) back through the memory channel; for a store the bytes (+ the
+  descriptor) through the channel, then the completion back. Flows are
+  pipelined over their route and share it max-min fairly with all others;
+* a load holds the instance until its last segment has arrived; a store holds
+  it only until its commands are issued, but the instance ends only when
+  every store is acknowledged.
 
 Lanes are grouped by segment, never visited one by one: the unmasked byte
 addresses are computed with numpy, the span ``[min, max]`` is translated in one
@@ -61,7 +65,8 @@ from ..protocol import TensorArgShard
 
 if TYPE_CHECKING:
     from ..hw.device import Device, PeNode
-    from ..sim import Link
+    from ..hw.dma import Transfer
+    from ..hw.network import NetLink
 
 __all__ = ["Layout", "ProgramContext", "current", "require"]
 
@@ -255,6 +260,7 @@ class ProgramContext:
         "_paths",
         "_stores",
         "_token",
+        "_xlate",
         "bytes_loaded",
         "bytes_stored",
         "coord",
@@ -279,7 +285,7 @@ class ProgramContext:
         pid: tuple[int, int, int],
         grid: tuple[int, int, int],
         start_ps: int,
-        paths: dict[tuple[Coord, Coord, bool], tuple[list[Link], list[Link]]],
+        paths: dict[tuple[Coord, Coord, bool, bool], tuple[list[NetLink], list[NetLink]]],
         stores: dict[tuple[int, int, int, bool], MemoryStore],
     ) -> None:
         self.device = device
@@ -298,6 +304,7 @@ class ProgramContext:
         self.dma_commands = 0
         self._paths = paths
         self._stores = stores
+        self._xlate = 0  # translation cost (ps) of the access being located
         self._token: Any = None
 
     # ------------------------------------------------------------- lifecycle
@@ -392,6 +399,8 @@ class ProgramContext:
     def _locate(self, layout: Layout, active: I64Array, what: str) -> _Access:
         """Translate what the active lanes (element offsets) touch; see the module docstring."""
         mmu = self.node.mmu
+        engine = self.node.engine
+        self._xlate = 0
         itemsize = layout.itemsize
         addrs: I64Array | None = None
         if layout.is_contiguous:
@@ -405,7 +414,8 @@ class ProgramContext:
             span = int(_MAX(addrs)) + itemsize - lo
         if span <= SPAN_LIMIT or span <= SPAN_SPARSITY * active.size * itemsize:
             try:
-                segs = mmu.translate(lo, span)
+                segs, cost = engine.translate(lo, span)
+                self._xlate += cost
             except PageFault:
                 pass  # maybe a hole between lanes; the run-by-run path below tells
             else:
@@ -424,7 +434,8 @@ class ProgramContext:
         laid = []
         for va, n, off in zip(firsts.tolist(), lens.tolist(), starts.tolist(), strict=True):
             try:
-                pieces = mmu.translate(va, n)
+                pieces, cost = engine.translate(va, n)
+                self._xlate += cost
             except PageFault as exc:
                 raise PageFault(f"{what}: {exc}", va=exc.va, where=exc.where) from None
             laid.extend((seg, off + seg.va - va) for seg in pieces)
@@ -449,17 +460,14 @@ class ProgramContext:
         counts: list[int] = np.bincount(which, minlength=len(acc.segs)).tolist()
         return counts
 
-    def _links(self, owner: Coord, seg: Segment) -> tuple[list[Link], list[Link]]:
-        """(down, up) links between this PE's DMA and the memory holding ``seg``, cached per owner/memory."""
+    def _links(self, owner: Coord, seg: Segment, write: bool) -> tuple[list[NetLink], list[NetLink]]:
+        """(out, back) routes of a DMA between this PE and the memory holding ``seg``, cached per owner/memory."""
         sram = seg.pa < self.device.config.memory.sram_per_pe
-        key = (self.coord, owner, sram)
+        key = (self.coord, owner, sram, write)
         found = self._paths.get(key)
         if found is None:
-            dev = self.device
-            _, (to_mem, from_mem) = dev.memory_of(owner, seg.pa, seg.nbytes)
-            route = dev.route(self.coord, owner)
-            found = ([*route, to_mem], [from_mem, *dev._reverse(route)])
-            self._paths[key] = found
+            (out, _), (back, _) = self.device.dma_legs(self.coord, owner, seg.pa, seg.nbytes, write=write)
+            found = self._paths[key] = (list(out), list(back))
         return found
 
     def _book(self, acc: _Access, itemsize: int, *, write: bool, counts: list[int] | None = None) -> None:
@@ -473,69 +481,48 @@ class ProgramContext:
             if not k:
                 continue
             moved = k * itemsize
-            down, up = self._links((seg.sip, seg.cube, seg.pe), seg)
+            out, back = self._links((seg.sip, seg.cube, seg.pe), seg, write)
             if write:
-                cmds.append((down, up, msg_b + moved, msg_b))
+                cmds.append(((out, msg_b + moved), (back, msg_b)))
             else:
-                cmds.append((down, up, msg_b, msg_b + moved))
+                cmds.append(((out, msg_b), (back, msg_b + moved)))
         self.dma_commands += len(cmds)
-        self.ops.append((_STORE if write else _LOAD, cmds))
+        self.ops.append((_STORE if write else _LOAD, (cmds, self._xlate)))
 
     async def replay(self) -> int:
-        """Pay the recorded timeline in virtual time, booking each hop when it happens; return the end (ps).
+        """Pay the recorded timeline in virtual time through the PE's DMA engine; return the end (ps).
 
         Called right after the body ran (no virtual time has passed since the
-        instance started). The sleeps put this instance's link bookings in
-        virtual-time order with every other PE's, so shared links are
-        contended fairly; see the module docstring for the cost of each step.
+        instance started). Each access is handed to the engine when the
+        instance reaches it, so its flows share the fabric with everything
+        else in flight; see the module docstring for the cost of each step.
         """
         sim = self.device.sim
-        cfg = self.device.config
-        dma_ps = cfg.processing.pe_dma
-        flops_to_ps = cfg.compute.flops_to_ps
+        flops_to_ps = self.device.config.compute.flops_to_ps
+        engine = self.node.engine
         t = self.start
-        dma_free = t
-        stores_done = t
+        stores: list[Transfer] = []
         for kind, payload in self.ops:
             if kind == _COMPUTE:
                 t += flops_to_ps(payload)
                 continue
-            issue = t if t > dma_free else dma_free
-            sent = []
-            for down, up, down_b, up_b in payload:
-                issue += dma_ps
-                if issue > sim.now:
-                    await sim.sleep(issue - sim.now)
-                at = issue
-                for link in down:
-                    at = link.reserve(at, down_b)
-                sent.append((at, up, up_b))
-            dma_free = issue
+            if t > sim.now:
+                await sim.sleep(t - sim.now)
+            cmds, cost = payload
+            what = "kl.store" if kind == _STORE else "kl.load"
+            jobs = [engine.submit(legs, extra=cost if i == 0 else 0, what=what) for i, legs in enumerate(cmds)]
             if kind == _STORE:
-                # The acknowledgement is one descriptor; booking it ahead distorts nothing measurable.
-                for at, up, up_b in sent:
-                    for link in up:
-                        at = link.reserve(at, up_b)
-                    if at > stores_done:
-                        stores_done = at
-                if issue > t:
-                    t = issue
+                stores.extend(jobs)
+                if engine.issue_free > t:
+                    t = engine.issue_free
             else:
-                done = t
-                sent.sort(key=_arrival)
-                for at, up, up_b in sent:
-                    if at > sim.now:
-                        await sim.sleep(at - sim.now)
-                    for link in up:
-                        at = link.reserve(at, up_b)
-                    if at > done:
-                        done = at
-                t = done
-        end = t if t > stores_done else stores_done
+                for job in jobs:
+                    await job.done
+                if sim.now > t:
+                    t = sim.now
+        for job in stores:
+            await job.done
+        end = t if t > sim.now else sim.now
         if end > sim.now:
             await sim.sleep(end - sim.now)
         return end
-
-
-def _arrival(sent: tuple[int, Any, int]) -> int:
-    return sent[0]

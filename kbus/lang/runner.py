@@ -54,8 +54,9 @@ if TYPE_CHECKING:
     from ..hw.blocks import PeCpu
     from ..hw.config import DeviceConfig
     from ..hw.device import Device
+    from ..hw.network import NetLink
     from ..protocol.messages import PeTarget, Targets
-    from ..sim import Link, SimFuture
+    from ..sim import SimFuture
 
 __all__ = ["PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
 
@@ -134,7 +135,7 @@ class DeviceState:
         self.pe_code: dict[Coord, dict[tuple[Any, ...], Kernel]] = {}
         self.pe_fetches = 0
         self.pe_hits = 0
-        self.paths: dict[tuple[Coord, Coord, bool], tuple[list[Link], list[Link]]] = {}
+        self.paths: dict[tuple[Coord, Coord, bool, bool], tuple[list[NetLink], list[NetLink]]] = {}
         self.stores: dict[tuple[int, int, int, bool], MemoryStore] = {}
         self.last_launch: tuple[tuple[KernelRef, tuple[Any, ...]], _Launch, npt.NDArray[np.int64] | None] | None = None
         """The decoded form of the launch most recently received, keyed by its code reference and

@@ -55,12 +55,13 @@ import cattrs
 import msgpack
 import orjson
 from cattrs.errors import AttributeValidationNote, ForbiddenExtraKeysError, IterableValidationNote
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from kbus.errors import CodecError
 from kbus.protocol.fabric import Completion, DmaCommand, FabricMessage, SipForward
 from kbus.protocol.messages import (
     KernelLaunchMsg,
+    MapEntry,
     MemoryReadMsg,
     MemoryWriteMsg,
     Message,
@@ -436,6 +437,9 @@ def _make_converter(detailed: bool) -> cattrs.Converter:
 
     conv.register_unstructure_hook_factory(_is_homogeneous_tuple, tuple_unhook)
     conv.register_unstructure_hook_factory(_is_union, union_unhook)
+    # An entry without owner is written in the seed's exact form, {"va", "pa", "size"}: owner
+    # fields appear only when set (see MapEntry: a missing owner means the installing PE).
+    conv.register_unstructure_hook(MapEntry, make_dict_unstructure_fn(MapEntry, conv, _cattrs_omit_if_default=True))
     return conv
 
 

@@ -17,14 +17,19 @@ from .messages import KernelLaunchMsg, MemoryReadMsg, MemoryWriteMsg, MmuMapMsg,
 
 @attrs.frozen
 class DmaCommand:
-    """Tell the PE_DMA of PE (sip, cube, pe) to move ``nbytes`` at physical ``pa``.
+    """Tell the memory of PE (sip, cube, pe) to act on ``nbytes`` at physical address ``addr``.
 
     ``op`` selects the transfer:
 
-    - ``"read"``: memory at ``pa`` -> host buffer ``host_buffer`` at ``host_offset``;
-    - ``"write"``: host buffer ``host_buffer`` at ``host_offset`` -> memory at ``pa``;
-    - ``"fill"``: the named ``pattern`` -> memory at ``pa``;
-    - ``"copy"``: memory at ``src_pa`` -> memory at ``pa`` (same PE).
+    - ``"read"``: memory at ``addr`` -> host buffer ``host_buffer`` at ``host_offset``
+      (or to the issuing DMA engine when ``host_buffer`` is None);
+    - ``"write"``: host buffer ``host_buffer`` at ``host_offset`` (or the issuing
+      engine's data) -> memory at ``addr``;
+    - ``"fill"``: the named ``pattern`` -> memory at ``addr``;
+    - ``"copy"``: memory at ``src_addr`` -> memory at ``addr`` (same PE).
+
+    The address fields are named ``addr``/``src_addr`` as in the seed (which
+    renamed ``pa``/``src_pa``).
 
     ``correlation_id``/``request_id`` are the host request's, so the
     :class:`Completion` can be matched to it.
@@ -36,12 +41,12 @@ class DmaCommand:
     cube: int
     pe: int
     op: Literal["read", "write", "fill", "copy"]
-    pa: int
+    addr: int
     nbytes: int
     host_buffer: str | None = None
     host_offset: int = 0
     pattern: str | None = None
-    src_pa: int | None = None
+    src_addr: int | None = None
     msg_type: Literal["dma_cmd"] = "dma_cmd"
 
 

@@ -215,16 +215,18 @@ class MapEntry:
     """One VA->PA mapping of ``size`` bytes, owned by PE (sip, cube, pe).
 
     The owner fields are a kbus addition (the seed entries are plain
-    ``{"va", "pa", "size"}`` dicts); they default to 0 so seed-form entries
-    decode.
+    ``{"va", "pa", "size"}`` dicts). An owner field left out (None) means the
+    PE installing the entry, as the seed's ``replicate=local`` maps do: a
+    seed-form entry sent to sip0.cube1.pe3 names sip0.cube1.pe3's memory.
+    Sharded tensors broadcast entries with every owner field set.
     """
 
     va: int
     pa: int
     size: int
-    sip: int = 0
-    cube: int = 0
-    pe: int = 0
+    sip: int | None = None
+    cube: int | None = None
+    pe: int | None = None
 
 
 @attrs.frozen

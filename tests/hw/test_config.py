@@ -438,6 +438,7 @@ def test_links_items_in_host_outward_order() -> None:
         "dma_sram",
         "dma_hbm",
         "sip_sip",
+        "sip_data",
     ]
 
 
@@ -450,7 +451,8 @@ def test_describe_covers_every_key_and_the_docstring_documents_them() -> None:
     flat = set(keys)
     assert len(flat) == len(keys)
     assert {"name", "topology.sips", "memory.va_size", "links.noc_pe.latency", "processing.pe_mmu"} <= flat
-    assert len(keys) == 1 + 3 + 6 + 2 + 9 * 2 + 4 + 7  # compute: clock, flops/cycle, kernel_launch, host_threads
+    # name, topology, memory, fabric, links (latency + bandwidth each), compute (with host_threads), dma, processing
+    assert len(keys) == 1 + 6 + 12 + 5 + 10 * 2 + 4 + 4 + 8
     meaning = "NOC <-> a PE's blocks (PE_CPU, PE_DMA, PE_MMU): fixed delay of one hop"
     assert ("links.noc_pe.latency", "5ns", meaning) in rows
     by_key = {key: value for key, value, _ in rows}

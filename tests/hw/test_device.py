@@ -180,10 +180,16 @@ async def test_remote_reads_cost_more_by_the_route() -> None:
         t0 = sim.now
         await dev.read_va((0, 0, 0), va, n)
         times[label] = sim.now - t0
+        # Pipelined: each leg costs its bytes over its narrowest hop plus every hop's latency.
         route = dev.route((0, 0, 0), owner)
-        back = sum(link.cost(cfg.fabric.msg_bytes + n) for link in dev._reverse(route))
-        there = sum(link.cost(cfg.fabric.msg_bytes) for link in route)
-        assert times[label] == expected_dma_ps(cfg, "read", n) - cfg.processing.pe_dma + there + back
+        m, mem, port = cfg.fabric.msg_bytes, cfg.memory, cfg.links.dma_hbm
+        hbm_bw = mem.hbm_channels * mem.hbm_channel_bandwidth
+        out_bw = min([port.bandwidth] + [link.bandwidth for link in route])
+        back_bw = min([port.bandwidth, hbm_bw] + [link.bandwidth for link in route])
+        hops_lat = sum(link.latency for link in route)
+        out = -(-m * 10**12 // out_bw) + hops_lat + port.latency
+        back = -(-(m + n) * 10**12 // back_bw) + mem.hbm_latency + port.latency + hops_lat
+        assert times[label] == cfg.dma.translate + cfg.processing.pe_dma + out + back
     assert times["local"] < times["same cube"] < times["other cube"] < times["other sip"]
     await dev.aclose()
 

@@ -215,7 +215,9 @@ def test_map_entry_wire_form() -> None:
     msg = MmuMapMsg("c", "r", (MapEntry(va=0x1000, pa=2**63 + 5, size=4096),))
     entry = to_wire(msg)["entries"][0]
     assert set(entry) >= {"va", "pa", "size"}
-    assert entry == {"va": 0x1000, "pa": 2**63 + 5, "size": 4096, "sip": 0, "cube": 0, "pe": 0}
+    assert entry == {"va": 0x1000, "pa": 2**63 + 5, "size": 4096}  # no owner: the seed's exact form
+    owned = to_wire(MmuMapMsg("c", "r", (MapEntry(0x1000, 5, 4096, 1, 2, 3),)))["entries"][0]
+    assert owned == {"va": 0x1000, "pa": 5, "size": 4096, "sip": 1, "cube": 2, "pe": 3}
     unmap = to_wire(MmuUnmapMsg("c", "r", (UnmapEntry(va=0x1000, size=4096),)))["entries"][0]
     assert unmap == {"va": 0x1000, "size": 4096}
 
@@ -224,7 +226,7 @@ def test_seed_form_map_entry_decodes() -> None:
     data = b'{"msg_type":"mmu_map","correlation_id":"c","request_id":"r","entries":[{"va":1,"pa":2,"size":3}]}'
     msg = decode(data)
     assert msg == MmuMapMsg("c", "r", (MapEntry(1, 2, 3),))
-    assert msg.entries[0] == MapEntry(va=1, pa=2, size=3, sip=0, cube=0, pe=0)
+    assert msg.entries[0] == MapEntry(va=1, pa=2, size=3, sip=None, cube=None, pe=None)
 
 
 def test_memory_write_wire_form() -> None:
