@@ -76,6 +76,14 @@ async def workload(torch: Any, console: Console | None = None, seed: int = 0) ->
     return rows
 
 
+_MEMORY_KINDS = frozenset({"HBM", "SRAM"})
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 SIP"``, ``"2 SIPs"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) -> None:
     dev = torch.device
     now = dev.sim.now
@@ -112,8 +120,9 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
     console.print(top)
     kinds: dict[str, list[float]] = {}
     for s in stats.values():
-        kinds.setdefault(s.kind, []).append(s.utilisation)
-    busy = Table(title="block utilisation (mean / max over blocks of a kind)")
+        if s.kind not in _MEMORY_KINDS:  # a memory's work is its channel's busy time, in the tables above
+            kinds.setdefault(s.kind, []).append(s.utilisation)
+    busy = Table(title="block utilisation (mean / max over blocks of a kind; memories: see their channels)")
     for col in ("kind", "blocks", "mean", "max"):
         busy.add_column(col, justify="left" if col == "kind" else "right")
     for kind, us in kinds.items():
@@ -131,12 +140,12 @@ def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: b
     """Run the demo on a fresh device; returns the process exit code."""
     import kbus
 
-    console = Console()
+    console = Console(highlight=False)  # numbers and units are coloured by us, not guessed at
     cfg = DeviceConfig.load(config)
     t = cfg.topology
     console.print(
-        f"[bold]kbus demo[/] on {cfg.name!r}: {t.sips} SIPs x {t.cubes_per_sip} cubes x "
-        f"{t.pes_per_cube} PEs = {cfg.num_pes} PEs"
+        f"[bold]kbus demo[/] on {cfg.name!r}: {plural(t.sips, 'SIP')} x {plural(t.cubes_per_sip, 'cube')} x "
+        f"{plural(t.pes_per_cube, 'PE')} = {plural(cfg.num_pes, 'PE')}"
     )
 
     async def main() -> int:

@@ -17,12 +17,14 @@ where; the block then serves the next message.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
 from ..mem import MapConflict, MemoryStore, PageTable, Segment, SharedMapping, SharedMappingCache
+from ..mem.pagetable import MapSpec
 from ..protocol import (
     KernelLaunchMsg,
     MemoryReadMsg,
@@ -283,7 +285,8 @@ class PeMmu(PeBlock):
             check = self.device.check_map_entry
             if all(e.sip is not None and e.cube is not None and e.pe is not None for e in msg.entries):
                 # Owner-tagged entries mean the same on every PE: decoded once per message, shared.
-                shared = self._maps.get(msg, msg.entries, table.page_size, check)
+                owned: Sequence[MapSpec] = msg.entries  # type: ignore[assignment]  # owners checked just above
+                shared = self._maps.get(msg, owned, table.page_size, check)
             else:
                 # The seed's form (no owner) is local to each installing PE, so it cannot be shared.
                 shared = SharedMapping.build([self.owned(e) for e in msg.entries], table.page_size, check)

@@ -180,7 +180,7 @@ async def test_control_message_beside_a_bulk_transfer_arrives_within_twice_its_i
     link = dev.pes[0][0][0].down_link
     noc_pe = cfg.links.noc_pe
     idle_ps = ceil_div(64 * PS, noc_pe.bandwidth) + noc_pe.latency
-    bulk = asyncio.ensure_future(dev.net.transfer(dev.route((0, 1, 0), (0, 0, 0)), MiB))
+    bulk = sim.spawn(dev.net.transfer(dev.route((0, 1, 0), (0, 0, 0)), MiB))
     await sim.sleep(1000)  # the 1 MiB transfer is on noc->pe0 now
     t0 = sim.now
     await dev.net.transfer([link], 64)
@@ -192,7 +192,7 @@ async def test_control_message_beside_a_bulk_transfer_arrives_within_twice_its_i
     t0 = sim.now
     await dev.request(map_msg)
     idle_map = sim.now - t0
-    bulk = asyncio.ensure_future(dev.net.transfer(dev.route((0, 1, 0), (0, 0, 0)), MiB))
+    bulk = sim.spawn(dev.net.transfer(dev.route((0, 1, 0), (0, 0, 0)), MiB))
     t0 = sim.now
     await dev.request(attr_evolve(map_msg, request_id="m1", entries=(MapEntry(0x1000_0001_0000, 0, 1 << 16),)))
     assert sim.now - t0 <= 2 * idle_map
@@ -231,8 +231,8 @@ async def test_busy_never_exceeds_elapsed_time_mid_transfer() -> None:
     dev = build_device(kbus.Sim(), config())
     sim = dev.sim
     route = dev.route((0, 1, 0), (0, 0, 0))
-    bulk = asyncio.ensure_future(dev.net.transfer(route, MiB))
-    second = asyncio.ensure_future(dev.net.transfer(route, MiB))
+    bulk = sim.spawn(dev.net.transfer(route, MiB))
+    second = sim.spawn(dev.net.transfer(route, MiB))
     await sim.sleep(1_000_000)  # 1 us into two 4 us transfers
     for link in route:
         assert link.busy_ps <= sim.now
@@ -339,7 +339,10 @@ def test_kbus_demo_shows_link_and_memory_statistics(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "busiest links and memory channels" in out
     assert "p99" in out and "busy" in out
-    assert "sip0.cube0.hbm" in out or "sip0.cube1.hbm" in out
+    hbm = [line for line in out.splitlines() if line.startswith("│ hbm ")]  # the memory channels' level row
+    assert hbm and not hbm[0].rstrip(" │").endswith(" 0.000%"), out
+    assert "kbus demo on 'tiny': 1 SIP x 2 cubes x 4 PEs = 8 PEs" in out
+    assert "│ HBM " not in out  # not as an idle block: memories are measured by their channels
 
 
 @pytest.mark.asyncio
