@@ -136,6 +136,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
+from decimal import Decimal
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -759,6 +760,19 @@ def _show(raw: object) -> str:
 # ---------------------------------------------------------------------------
 
 _INT_RE = re.compile(r"^\s*[+-]?(0x[0-9a-fA-F_]+|[0-9_]+)\s*$")
+_HZ_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(GHz|MHz|kHz|Hz)\s*$")
+_HZ_UNITS = {"GHz": 10**9, "MHz": 10**6, "kHz": 10**3, "Hz": 1}
+
+
+def _parse_hz(raw: str) -> int:
+    """``"1.5GHz"`` -> 1_500_000_000; a whole number of hertz, as the config keeps them."""
+    m = _HZ_RE.match(raw)
+    if m is None:
+        raise ValueError(f"{raw!r} is not a frequency; write a number and a unit (Hz, kHz, MHz, GHz), e.g. '1.5GHz'")
+    hz = Decimal(m.group(1)) * _HZ_UNITS[m.group(2)]
+    if hz != hz.to_integral_value():
+        raise ValueError(f"{raw!r} is not a whole number of hertz")
+    return int(hz)
 
 
 def _parse(spec: _Param, raw: Any) -> Any:
@@ -768,6 +782,8 @@ def _parse(spec: _Param, raw: Any) -> Any:
         if not isinstance(raw, str):
             raise TypeError(f"expected a string, got {_show(raw)}")
         return raw
+    if kind == "hertz" and isinstance(raw, str):
+        return _parse_hz(raw)  # what `kbus info` shows ("1.5GHz") reads back
     if kind in ("count", "address", "hertz"):
         if isinstance(raw, bool) or not isinstance(raw, int):
             hint = f"; write it without quotes: {raw.strip()}" if isinstance(raw, str) and _INT_RE.match(raw) else ""
@@ -801,7 +817,9 @@ def _parse(spec: _Param, raw: Any) -> Any:
         raise TypeError(f"expected a bandwidth string such as '64GB/s', got {_show(raw)}{hint}")
     try:
         return parse_bandwidth(raw)
-    except ValueError:
+    except ValueError as exc:
+        if str(exc).endswith("must be > 0"):
+            raise ValueError(f"{raw!r}: a bandwidth must be > 0, e.g. '64GB/s'") from None
         raise ValueError(
             f"{raw!r} is not a bandwidth; write a number and a unit (B/s, KB/s, MB/s, GB/s, TB/s, or KiB/s...), "
             "e.g. '64GB/s'"

@@ -251,7 +251,7 @@ def test_wrong_types_are_rejected(tmp_path: Path, text: str, key: str, fragment:
         ('[links.noc_pe]\nlatency = "12 parsecs"\n', "links.noc_pe.latency", "'12 parsecs' is not a duration"),
         ('[links.noc_pe]\nlatency = "-5ns"\n', "links.noc_pe.latency", "is not a duration"),
         ('[links.noc_pe]\nbandwidth = "64GB"\n', "links.noc_pe.bandwidth", "'64GB' is not a bandwidth"),
-        ('[links.noc_pe]\nbandwidth = "0GB/s"\n', "links.noc_pe.bandwidth", "is not a bandwidth"),
+        ('[links.noc_pe]\nbandwidth = "0GB/s"\n', "links.noc_pe.bandwidth", "a bandwidth must be > 0"),
         ('[memory]\nsram_per_pe = "4 MiBs"\n', "memory.sram_per_pe", "'4 MiBs' is not a size"),
         ('[compute]\nkernel_launch = "fast"\n', "compute.kernel_launch", "'fast' is not a duration"),
     ],
@@ -487,3 +487,33 @@ def test_tree_of_large_collapses_long_lists() -> None:
     assert "sip0.cube0.pe1" in text
     assert "pe2" not in text
     assert len(text.splitlines()) < 200
+
+
+@pytest.mark.parametrize("name", ["tiny", "default", "large"])
+def test_every_value_kbus_info_displays_reads_back(name: str) -> None:
+    """What `kbus info` shows is what a TOML file may say: each displayed value loads to the same config."""
+    cfg = DeviceConfig.load(name)
+    for key, shown, _meaning in describe(cfg):
+        if key == "name" or " " in shown:
+            continue
+        try:
+            value: object = int(shown, 0)  # counts and addresses are TOML integers ("0x10_0000_0000")
+        except ValueError:
+            value = shown  # durations, sizes, bandwidths, frequencies and names are strings
+        assert cfg.replace(key, value) == cfg, f"{key} = {shown!r} does not read back"
+
+
+def test_frequencies_read_with_units_and_bad_ones_are_named() -> None:
+    cfg = DeviceConfig.load("tiny")
+    assert cfg.replace("compute.pe_clock_hz", "1.5GHz").compute.pe_clock_hz == 1_500_000_000
+    assert cfg.replace("compute.pe_clock_hz", "800 MHz").compute.pe_clock_hz == 800_000_000
+    assert cfg.replace("compute.pe_clock_hz", 2_000_000_000).compute.pe_clock_hz == 2_000_000_000
+    with pytest.raises(ConfigError, match=r"compute.pe_clock_hz: 'fast' is not a frequency"):
+        cfg.replace("compute.pe_clock_hz", "fast")
+    with pytest.raises(ConfigError, match=r"'1.0000000005GHz' is not a whole number of hertz"):
+        cfg.replace("compute.pe_clock_hz", "1.0000000005GHz")
+
+
+def test_a_zero_bandwidth_says_it_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"links.noc_pe.bandwidth: '0GB/s': a bandwidth must be > 0"):
+        DeviceConfig.load("tiny").replace("links.noc_pe.bandwidth", "0GB/s")
