@@ -539,9 +539,20 @@ def from_wire(obj: object) -> AnyMessage:
         raise _codec_error(e, cls.__name__) from None
 
 
-def encode(msg: object, fmt: Format = "json") -> bytes:
-    """Serialize a message to JSON or msgpack bytes; raises CodecError on failure."""
+def encode(msg: object, fmt: Format = "json", *, validate: bool = True) -> bytes:
+    """Serialize a message to JSON or msgpack bytes; raises CodecError on failure.
+
+    With ``validate`` (the default) the wire form is checked against the
+    message's field types first, exactly as :func:`decode` will check it, so a
+    message built with a wrong type (``dst_pa=1.5``, ``"0x10"``) fails here,
+    naming the field, instead of producing bytes the other side rejects.
+    """
     wire = to_wire(msg)
+    if validate:
+        try:
+            from_wire(wire)
+        except CodecError as exc:
+            raise CodecError(f"cannot encode: {exc}", exc.path) from None
     try:
         if fmt == "json":
             return orjson.dumps(wire)

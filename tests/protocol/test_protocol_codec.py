@@ -529,3 +529,17 @@ def test_register_rejects_bad_classes() -> None:
         register(Clash)
     with pytest.raises(TypeError):
         register(int)
+
+
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+@pytest.mark.parametrize("bad", [1.5, "0x10"])
+def test_encode_refuses_what_decode_would_refuse_naming_the_field(fmt: str, bad: object) -> None:
+    from kbus.protocol import MemoryWriteMsg
+
+    msg = MemoryWriteMsg("c", "r", 0, 0, 0, bad, 64, pattern="zeros")  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match=r"cannot encode: invalid MemoryWriteMsg at dst_pa: expected int") as info:
+        encode(msg, fmt)  # type: ignore[arg-type]
+    assert info.value.path == "dst_pa"
+    raw = encode(msg, fmt, validate=False)  # type: ignore[arg-type]  # what used to go out
+    with pytest.raises(CodecError, match="dst_pa"):
+        decode(raw, fmt)  # type: ignore[arg-type]
