@@ -78,8 +78,20 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     except ValueError:
         raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated byte counts such as 64,4096") from None
-    result = run_probe(_config_spec(args), sizes=sizes, max_pes=args.max_pes, use_uvloop=not args.no_uvloop)
-    print_probe(result, Console())
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console()
+    columns = (TextColumn("probing PEs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("probe", total=None)
+
+        def on_pe(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = run_probe(
+            _config_spec(args), sizes=sizes, max_pes=args.max_pes, use_uvloop=not args.no_uvloop, on_pe=on_pe
+        )
+    print_probe(result, console)
     return 0
 
 

@@ -15,6 +15,7 @@ replica on every PE would grow with its square.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,15 @@ async def workload(torch: Any, console: Console | None = None, seed: int = 0) ->
     pes = torch.device.config.num_pes
     rows: list[tuple[str, bool, int]] = []
 
+    def working(label: str) -> contextlib.AbstractContextManager[object]:
+        """A spinner naming the step while it runs (on a terminal; big presets take a while)."""
+        if console is None or not console.is_terminal:
+            return contextlib.nullcontext()
+        return console.status(f"{label} ...")
+
     async def step(label: str, t: Any, expect: np.ndarray[Any, Any], t0: int) -> None:
-        got = await t.numpy()
+        with working(label):
+            got = await t.numpy()
         ok = bool(np.allclose(got, expect, rtol=1e-4, atol=1e-3))
         rows.append((label, ok, torch.now_ps - t0))
         if console is not None:
@@ -52,9 +60,10 @@ async def workload(torch: Any, console: Console | None = None, seed: int = 0) ->
     x = torch.tensor(x_np, policy=kbus.Shard(dim=0))
     y = torch.tensor(y_np, policy=kbus.Shard(dim=0))
     w = torch.tensor(w_np, policy=kbus.Replicate())
-    await x
-    await y
-    await w
+    with working("upload x, y, w"):
+        await x
+        await y
+        await w
     rows.append((f"upload x, y ({n}x64, sharded), w (replicated)", True, torch.now_ps - t0))
     if console is not None:
         console.print(f"  [green]ok[/]  {rows[-1][0]:<46} {format_time(rows[-1][2]):>10} device time")

@@ -14,6 +14,7 @@ configuration alone (a test checks they agree).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -87,14 +88,22 @@ def expected_round_trip_ps(cfg: DeviceConfig, op: str, nbytes: int) -> int:
 
 
 async def probe(
-    sim: Sim, config: DeviceConfig | str, sizes: tuple[int, ...] = DEFAULT_SIZES, max_pes: int | None = None
+    sim: Sim,
+    config: DeviceConfig | str,
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    max_pes: int | None = None,
+    on_pe: Callable[[int, int], object] | None = None,
 ) -> ProbeResult:
-    """Run the probe on a fresh device built on ``sim``."""
+    """Run the probe on a fresh device built on ``sim``.
+
+    ``on_pe(done, total)``, if given, is called after each PE (progress for long runs).
+    """
     device = build_device(sim, config)
     cfg = device.config
     base = cfg.memory.hbm_base
     rows = []
     n = 0
+    total = cfg.num_pes if max_pes is None else min(max_pes, cfg.num_pes)
     try:
         for node in device.iter_pes():
             if max_pes is not None and n >= max_pes:
@@ -122,6 +131,8 @@ async def probe(
                             node.cpu.pe_path, "write" if is_write else "read", size, int(resp.value or 0), sim.now - t0
                         )
                     )
+            if on_pe is not None:
+                on_pe(n, total)
     finally:
         await device.aclose()
     return ProbeResult(cfg, tuple(rows))
@@ -133,6 +144,7 @@ def run_probe(
     sizes: list[int] | None = None,
     max_pes: int | None = None,
     use_uvloop: bool = True,
+    on_pe: Callable[[int, int], object] | None = None,
 ) -> ProbeResult:
     """Run :func:`probe` on a new event loop."""
     chosen = tuple(sizes) if sizes else DEFAULT_SIZES
@@ -141,7 +153,7 @@ def run_probe(
             raise ValueError(f"probe sizes must be > 0, got {size}")
 
     async def main() -> ProbeResult:
-        return await probe(Sim(), DeviceConfig.load(config), chosen, max_pes)
+        return await probe(Sim(), DeviceConfig.load(config), chosen, max_pes, on_pe)
 
     return run(main, use_uvloop=use_uvloop)
 

@@ -240,3 +240,12 @@ async def test_device_lookup_and_stats() -> None:
     levels = dev.level_stats()
     assert levels["host_pcie"]["messages"] == 1 + 8
     await dev.aclose()
+
+
+def test_probe_reports_progress_per_pe() -> None:
+    from kbus.hw.probe import run_probe
+
+    seen: list[tuple[int, int]] = []
+    result = run_probe("tiny", sizes=[64], max_pes=3, on_pe=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert len(result.rows) == 3 * 2  # a read and a write per PE
