@@ -56,7 +56,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .hw.network import topology_text
 
     cfg = DeviceConfig.load(_config_spec(args))
-    console = Console()
+    console = Console(highlight=False)  # our numbers and units, not half-coloured by guesswork
     console.print(tree(cfg))
     console.print(topology_text(cfg), highlight=False, soft_wrap=True)
     from rich.table import Table
@@ -80,7 +80,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated byte counts such as 64,4096") from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console()
+    console = Console(highlight=False)  # our numbers and units, not half-coloured by guesswork
     columns = (TextColumn("probing PEs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("probe", total=None)

@@ -160,7 +160,7 @@ def run_probe(
 
 def print_probe(result: ProbeResult, console: Console | None = None) -> None:
     """Print the probe table; identical PEs are folded into one row with a count."""
-    console = console or Console()
+    console = console or Console(highlight=False)
     table = Table(title=f"PE -> HBM DMA probe on {result.config.name!r} (idle device)")
     for col in ("PEs", "op", "bytes", "DMA latency", "bandwidth", "host round trip", "analytic"):
         table.add_column(col, justify="left" if col in ("PEs", "op") else "right")
