@@ -162,6 +162,12 @@ def import_distributed() -> Any:
         ) from None
 
 
+LOCAL_SCHEDULER_OPTIONS: dict[str, Any] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+"""Scheduler options of a throw-away local cluster: no dashboard, and its HTTP endpoint (which the
+scheduler starts anyway) on a free loopback port, so a second cluster on the machine (another
+sweep, a test run) neither collides on port 8787 nor warns about it."""
+
+
 @contextlib.contextmanager
 def _local_client(workers: int | None) -> Iterator[Client]:
     """A throw-away local cluster: worker processes (the simulation is pure Python, so threads would share a GIL)."""
@@ -175,6 +181,7 @@ def _local_client(workers: int | None) -> Iterator[Client]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            scheduler_kwargs=dict(LOCAL_SCHEDULER_OPTIONS),
             # Quiet: shutdown races log harmless errors, and every point's fate is in the table anyway.
             silence_logs=logging.CRITICAL,
             preload=[__name__],  # runs dask_setup below in each worker process

@@ -20,7 +20,7 @@ import pytest
 from sweep_workloads import EMPTY, GATHER, KILLS_ITS_WORKER, SLOW, slow_with_marker, write
 
 from kbus.sweep import PointResult, sweep
-from kbus.sweep.runner import batch_size
+from kbus.sweep.runner import LOCAL_SCHEDULER_OPTIONS, batch_size
 
 distributed = pytest.importorskip("distributed")
 
@@ -28,7 +28,12 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture
 def client() -> Iterator[Any]:
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs=dict(LOCAL_SCHEDULER_OPTIONS),
+        silence_logs=logging.ERROR,
     )
     with distributed.Client(cluster) as c:
         yield c

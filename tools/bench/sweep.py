@@ -111,12 +111,15 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
+    from kbus.sweep.runner import LOCAL_SCHEDULER_OPTIONS
+
     t0 = time.perf_counter()
     cluster = LocalCluster(
         n_workers=args.workers,
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
+        scheduler_kwargs=dict(LOCAL_SCHEDULER_OPTIONS),
         silence_logs=logging.CRITICAL,
     )
     client = Client(cluster)
