@@ -171,8 +171,9 @@ async def sweep(rounds: int, csv_path: Path) -> None:
 
 def config_for(pes: int) -> DeviceConfig:
     s, c, p = TOPOLOGIES[pes]
+    cols = max(k for k in range(1, c + 1) if c % k == 0 and k * k <= c)  # the squarest torus grid of c cubes
     return DeviceConfig.load("large").with_overrides(
-        {"topology.sips": s, "topology.cubes_per_sip": c, "topology.pes_per_cube": p}
+        {"topology.sips": s, "topology.cubes_per_sip": c, "topology.pes_per_cube": p, "topology.cube_cols": cols}
     )
 
 
