@@ -6,6 +6,7 @@ What this shows, in order:
    running loop and yields the torch-like handle;
 2. a tensor is *sharded* by default (``Shard(dim=0)`` over every PE): each PE
    holds a chunk of rows; ``t.shards`` says which PE holds which rows where;
+   a tensor smaller than a page per PE uses fewer PEs (small tensors stay small);
 3. ``Replicate()`` puts a full copy on each target PE instead;
 4. operations return a tensor at once and queue their work; ``await t`` waits
    for it and ``await t.numpy()`` reads it back (nothing ever blocks the loop);
@@ -25,13 +26,16 @@ import kbus
 
 async def main() -> None:
     async with kbus.open_device("tiny") as torch:
-        # --- 2. a sharded tensor: 8 row-chunks of a 64 x 256 matrix, one per PE ----------
-        host = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
+        # --- 2. a sharded tensor: 8 row-chunks of a 512 x 256 matrix, one per PE ---------
+        host = np.arange(512 * 256, dtype=np.float32).reshape(512, 256)  # 512 KiB: a 64 KiB page per PE
         x = torch.tensor(host, name="x")  # Shard(dim=0) over every PE by default
         print(f"x: shape {x.shape}, {x.dtype}, {x.policy}")
         for s in x.shards[:3]:
             print(f"  rows {s.index[0].start}:{s.index[0].stop} on {s.path} at pa {s.pa:#x} (va {s.va:#x})")
         print(f"  ... {len(x.shards)} shards in all")
+        small = torch.tensor(host[:8], name="small")  # 8 KiB, less than a page: one shard, one page held
+        print(f"small: {len(small.shards)} shard on {small.shards[0].path}")
+        small.free()
 
         # --- 3. the same data replicated on two PEs -----------------------------------------
         w = torch.tensor(np.full((256, 16), 0.5, np.float32), policy=kbus.Replicate(targets=[(0, 0, 0), (0, 1, 0)]))
@@ -46,7 +50,7 @@ async def main() -> None:
         assert np.allclose(got, (host * 2 + 1).sum(axis=1))
         print(f"  first sums: {got[:3]}")
 
-        z = x @ w  # matmul of a sharded (64, 256) by a replicated (256, 16)
+        z = x @ w  # matmul of a sharded (512, 256) by a replicated (256, 16)
         assert np.allclose(await z.numpy(), host @ np.full((256, 16), 0.5, np.float32))
         print(f"x @ w -> {z.shape}, checked against numpy")
 

@@ -44,7 +44,7 @@ BASE = "tiny"
 async def workload(torch: kbus.Runtime) -> dict[str, float | int]:
     """Shard a matrix over every PE, reduce it, and gather it on PE 0 (every shard crosses the NoC)."""
     host = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
-    x = torch.tensor(host)
+    x = torch.tensor(host, policy=kbus.Shard(dim=0, min_bytes=0))  # 64 KiB: a shard on every PE anyway
     row_sums = (x * 2 + 1).sum(dim=1)
     gathered = x.to(kbus.Replicate(targets=[(0, 0, 0)]))
     await gathered

@@ -51,9 +51,15 @@ async def test_too_tight_a_budget_fails(kbus_device: Runtime) -> None:
 async def test_on_the_default_device(kbus_device: Runtime) -> None:
     torch = kbus_device
     topo = torch.config.topology
-    x = torch.zeros(4 * topo.sips * topo.cubes_per_sip * topo.pes_per_cube, policy=kbus.Shard(dim=0))
-    assert len(x.shards) == topo.sips * topo.cubes_per_sip * topo.pes_per_cube
+    pes = topo.sips * topo.cubes_per_sip * topo.pes_per_cube
+    page = torch.config.memory.page_size
+    x = torch.zeros(pes * page // 4, policy=kbus.Shard(dim=0))  # a page of float32 per PE
+    assert len(x.shards) == pes
     assert float(np.sum(await x.numpy())) == 0.0
+    small = torch.zeros(4 * pes)  # less than a page: one shard, so it holds one page, not one per PE
+    assert len(small.shards) == 1
+    spread = torch.zeros(4 * pes, policy=kbus.Shard(dim=0, min_bytes=0))  # one chunk per PE regardless
+    assert len(spread.shards) == pes
 
 
 @pytest.mark.asyncio

@@ -283,7 +283,12 @@ class PeMmu(PeBlock):
         tracer = self.sim.tracer
         if type(msg) is MmuMapMsg:
             check = self.device.check_map_entry
-            if all(e.sip is not None and e.cube is not None and e.pe is not None for e in msg.entries):
+            # Only owner-tagged messages are cached, so a hit skips the per-entry owner check: a
+            # broadcast of E entries to P PEs looks at its entries once, not P times.
+            shared_hit = self._maps.peek(msg)
+            if shared_hit is not None:
+                shared = shared_hit
+            elif all(e.sip is not None and e.cube is not None and e.pe is not None for e in msg.entries):
                 # Owner-tagged entries mean the same on every PE: decoded once per message, shared.
                 owned: Sequence[MapSpec] = msg.entries  # type: ignore[assignment]  # owners checked just above
                 shared = self._maps.get(msg, owned, table.page_size, check)

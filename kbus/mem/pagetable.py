@@ -283,6 +283,13 @@ class SharedMappingCache:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def peek(self, msg: object) -> SharedMapping | None:
+        """The mapping already built for ``msg``, or ``None``: the PEs after the first skip all per-entry work."""
+        hit = self._by_id.get(id(msg))
+        if hit is not None and hit[0]() is msg:
+            return hit[1]
+        return None
+
     def get(
         self,
         msg: object,

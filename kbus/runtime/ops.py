@@ -305,9 +305,10 @@ class TensorOps:
         pa, pb = a.policy, b.policy
         policy: DPPolicy
         if isinstance(pa, Shard):
-            policy = Shard(dim=0, over=pa.over, targets=pa.targets)  # rows of the output follow a's owners
+            # rows of the output follow a's owners
+            policy = Shard(dim=0, over=pa.over, targets=pa.targets, min_bytes=pa.min_bytes)
         elif isinstance(pb, Shard):
-            policy = Shard(dim=1 if pb.dim % 2 == 1 else 0, over=pb.over, targets=pb.targets)
+            policy = Shard(dim=1 if pb.dim % 2 == 1 else 0, over=pb.over, targets=pb.targets, min_bytes=pb.min_bytes)
         else:
             policy = pa
         return self._kernel_op(
@@ -349,7 +350,7 @@ class TensorOps:
         owners = [s.coord for s in st.shards]
         if nd and d not in dims:
             kept = [i for i in range(nd) if i not in dims]
-            policy = Shard(dim=kept.index(d), over=pol.over, targets=pol.targets)
+            policy = Shard(dim=kept.index(d), over=pol.over, targets=pol.targets, min_bytes=pol.min_bytes)
             return self._kernel_op(label, "sum", shape, dt, policy, [st], lambda out: sum_args(out, st, 0, dims), where)
         first = owners[0] if owners else resolve_targets(pol, self.config)[0]
         single = Shard(dim=0, targets=(first,))
@@ -357,7 +358,7 @@ class TensorOps:
             return self._kernel_op(label, "sum", shape, dt, single, [st], lambda out: sum_args(out, st, 0, dims), where)
         # Across shards: each owner sums its own shard locally (phase 1), then
         # the first owner adds the per-shard partials (phase 2).
-        partial_policy = Shard(dim=0, targets=tuple(owners))
+        partial_policy = Shard(dim=0, targets=tuple(owners), min_bytes=0)  # one row on each owner, however small
         partials = self._kernel_op(
             f"{label} [phase 1: partial sums]",
             "sum",
@@ -571,7 +572,7 @@ class TensorOps:
     def _fit(self, policy: DPPolicy, shape: tuple[int, ...]) -> DPPolicy:
         """``policy`` adjusted so it applies to ``shape`` (a shard dim beyond its rank falls back to 0)."""
         if isinstance(policy, Shard) and shape and not -len(shape) <= policy.dim < len(shape):
-            return Shard(dim=0, over=policy.over, targets=policy.targets)
+            return Shard(dim=0, over=policy.over, targets=policy.targets, min_bytes=policy.min_bytes)
         return policy
 
     def _create(

@@ -14,6 +14,21 @@ with a shape, an item size and a :class:`~kbus.hw.DeviceConfig` into a
   ``j``. The mapping of the whole tensor is broadcast to every PE, so any PE
   can address any shard through its MMU (remote shards cost NOC/SIP hops).
 
+Small tensors stay small
+------------------------
+MMU mappings and physical allocations are whole pages (``memory.page_size``),
+so a shard is never smaller than a page in device memory. :class:`Shard`
+therefore splits into ``k = min(targets, nbytes // min_bytes)`` chunks (at
+least one), ``min_bytes`` defaulting to the page size, as ttnn ties a shard to
+its page/tile granularity: every chunk but the last then holds at least
+``min_bytes`` bytes, so rounding it up to whole pages at most doubles it, and
+only the last chunk can waste most of a page. A sharded tensor of ``B`` bytes
+thus holds at most ``2 * B + page_size`` bytes of device memory (a 4 KiB
+tensor: one page on the first target, not one page on each of 64 PEs), while
+a tensor of at least ``targets * page_size`` bytes is split over every target
+exactly as before. ``Shard(min_bytes=0)`` keeps one chunk per target whatever
+the size (each holding a whole page).
+
 Storage order
 -------------
 A sharded tensor is stored *shard-major*: shard ``k`` is the C-contiguous
@@ -44,6 +59,7 @@ __all__ = [
     "chunk_bounds",
     "place",
     "resolve_targets",
+    "shard_count",
 ]
 
 Coord: TypeAlias = tuple[int, int, int]
@@ -79,6 +95,15 @@ def _check_over(_inst: object, _attr: attrs.Attribute[Any], value: object) -> No
         raise ValueError(f"Shard(over={value!r}): expected 'pe', 'cube' or 'sip'")
 
 
+def _check_min_bytes(_inst: object, _attr: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Shard(min_bytes=...) must be None or an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"Shard(min_bytes={value}): must be >= 0 (0 = one chunk per target)")
+
+
 @attrs.frozen
 class Replicate:
     """A full copy of the tensor on every target PE, each mapped locally.
@@ -102,11 +127,22 @@ class Shard:
     triples or global PE indices for ``"pe"``, ``(sip, cube)`` pairs or global
     cube indices for ``"cube"``, SIP indices for ``"sip"``. Chunk ``j`` goes to
     ``targets[j]``. A 0-d tensor has a single chunk, on the first target.
+
+    ``min_bytes`` is the smallest chunk worth a target: the tensor is split
+    into at most ``nbytes // min_bytes`` chunks (at least one), so a tensor
+    smaller than ``len(targets) * min_bytes`` uses only the first targets.
+    ``None`` (the default) means the device's page size, the granularity of
+    device memory; ``0`` means one chunk per target whatever the size.
     """
 
     dim: int = attrs.field(default=0, validator=_check_dim)
     over: Over = attrs.field(default="pe", validator=_check_over)
     targets: tuple[Any, ...] | None = attrs.field(default=None, converter=_as_targets)
+    min_bytes: int | None = attrs.field(default=None, validator=_check_min_bytes)
+
+    def __repr__(self) -> str:
+        extra = "" if self.min_bytes is None else f", min_bytes={self.min_bytes}"
+        return f"Shard(dim={self.dim}, over={self.over!r}, targets={self.targets!r}{extra})"
 
 
 DPPolicy: TypeAlias = Replicate | Shard
@@ -162,6 +198,19 @@ def chunk_bounds(n: int, k: int) -> list[tuple[int, int]]:
         return []
     size = -(-n // k)
     return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def shard_count(policy: Shard, nbytes: int, targets: int, cfg: DeviceConfig) -> int:
+    """How many chunks ``policy`` asks for a tensor of ``nbytes`` over ``targets`` targets.
+
+    ``min(targets, nbytes // min_bytes)`` and at least 1, ``min_bytes`` being
+    the device's page size unless the policy names one (see "Small tensors
+    stay small" above). ``torch.chunk`` may still make fewer chunks.
+    """
+    least = cfg.memory.page_size if policy.min_bytes is None else policy.min_bytes
+    if least <= 0:
+        return targets
+    return max(1, min(targets, nbytes // least))
 
 
 def _pe_index_to_coord(i: int, cfg: DeviceConfig) -> Coord:
@@ -270,7 +319,7 @@ def place(policy: DPPolicy, shape: Sequence[int], itemsize: int, cfg: DeviceConf
     n = shape[dim]
     row = nbytes // n if n else 0  # bytes of one index along dim
     plans = []
-    for (start, stop), c in zip(chunk_bounds(n, len(coords)), coords, strict=False):
+    for (start, stop), c in zip(chunk_bounds(n, shard_count(policy, nbytes, len(coords), cfg)), coords, strict=False):
         if row:
             plans.append(ShardPlan(c, start, stop, start * row, (stop - start) * row))
     return Placement(policy, shape, itemsize, dim, tuple(plans))

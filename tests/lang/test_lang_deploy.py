@@ -200,7 +200,7 @@ async def test_corrupt_blob_fails_the_launch_clearly_then_redeploys(offset: int,
 async def test_pe_code_cache_keeps_what_it_fetched() -> None:
     async with kbus.open_device("tiny") as torch:
         kern = _fresh_kernel()
-        x = torch.zeros(2048, dtype=np.float32, policy=kbus.Shard(dim=0, targets=[(0, 0, 0), (0, 1, 0)]))
+        x = torch.zeros(2048, dtype=np.float32, policy=kbus.Shard(dim=0, targets=[(0, 0, 0), (0, 1, 0)], min_bytes=0))
         await kern[(1,)](x, 2048, BLOCK=1024)  # program 0 on sip0.cube0.pe0: that PE caches the blob
         dep = await kl.deploy(torch, kern)
         await _corrupt(torch, dep, 64 + 1, "0xFFFF")

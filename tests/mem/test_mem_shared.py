@@ -123,8 +123,11 @@ def test_cache_builds_once_per_message_and_forgets_dead_messages() -> None:
 
     cache = SharedMappingCache()
     msg = Msg([Entry(0, 0, P), Entry(P, 0, P, pe=1)])
+    assert cache.peek(msg) is None  # nothing built yet
     first = cache.get(msg, msg.entries, P, check)
     assert cache.get(msg, msg.entries, P, check) is first
+    assert cache.peek(msg) is first  # later PEs skip every per-entry step
+    assert cache.peek(Msg(list(msg.entries))) is None  # keyed by the message object, not its value
     assert builds == 2  # each entry checked once, not once per PE
     del msg
     gc.collect()

@@ -126,8 +126,9 @@ async def test_out_of_device_memory_is_raised_at_the_call() -> None:
 async def test_a_failing_kernel_fails_its_output_and_dependents_only() -> None:
     async with kbus.open_device("tiny") as torch:
         x = np.arange(8, dtype=np.float32)
-        a = torch.tensor(x, name="a")
-        b = torch.tensor(x, name="b")
+        one_per_pe = kbus.Shard(min_bytes=0)  # 4 bytes on each PE, so sip0.cube1.pe2 computes a shard
+        a = torch.tensor(x, name="a", policy=one_per_pe)
+        b = torch.tensor(x, name="b", policy=one_per_pe)
         real_mul = torch.device.builtins["mul"]
 
         async def broken(cpu: Any, msg: Any) -> tuple[str | None, int | float | None]:

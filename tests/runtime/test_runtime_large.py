@@ -20,8 +20,9 @@ async def test_sharded_add_on_large() -> None:
         assert pes == 4096
         per_pe = 16  # float32 elements per shard
         x = np.arange(pes * per_pe, dtype=np.float32)
-        a = torch.tensor(x, policy=kbus.Shard(dim=0))
-        b = torch.full((pes * per_pe,), 0.5, policy=kbus.Shard(dim=0))
+        # min_bytes=0: one 64-byte shard on every PE (the default would use 4 PEs for 256 KiB).
+        a = torch.tensor(x, policy=kbus.Shard(dim=0, min_bytes=0))
+        b = torch.full((pes * per_pe,), 0.5, policy=kbus.Shard(dim=0, min_bytes=0))
         c = a + b
         assert len(c.shards) == pes  # one shard on every PE
         assert np.array_equal(await c.numpy(), x + np.float32(0.5))

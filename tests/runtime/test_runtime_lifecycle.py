@@ -207,7 +207,7 @@ async def test_pending_work_at_close_still_completes() -> None:
 @pytest.mark.asyncio
 async def test_memory_stats_print_a_summary_and_details_on_request() -> None:
     async with kbus.open_device("default") as torch:
-        t = torch.zeros(64 * 1024, dtype=np.float32)  # sharded over every PE
+        t = torch.zeros(torch.config.num_pes * torch.config.memory.page_size // 4, dtype=np.float32)  # a page per PE
         await t
         stats = torch.memory_stats()
         summary = str(stats).splitlines()

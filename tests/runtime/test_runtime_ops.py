@@ -246,7 +246,9 @@ async def test_tensor_attributes_and_va_layout() -> None:
         assert big.va_contiguous
         assert [s.va for s in big.shards] == [big.addr + s.offset for s in big.shards]
         assert big.tensor_arg().va_base == big.addr
-        small = torch.zeros(10, 3)  # 24-byte shards: each starts on its own page
+        tiny = torch.zeros(10, 3)  # 120 bytes, less than a page: one shard (min_bytes = page)
+        assert len(tiny.shards) == 1 and tiny.va_contiguous and tiny.shards[0].nbytes == 120
+        small = torch.zeros(10, 3, policy=Shard(min_bytes=0))  # 24-byte shards: each starts on its own page
         assert not small.va_contiguous
         assert [s.va - small.addr for s in small.shards] == [k * page for k in range(5)]
         assert [s.index for s in small.shards][1] == (slice(2, 4), slice(0, 3))

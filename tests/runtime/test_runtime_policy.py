@@ -50,14 +50,14 @@ def test_replicate_has_one_full_copy_per_pe() -> None:
 
 
 def test_shard_rows_over_pes_uneven() -> None:
-    p = place(Shard(dim=0), (10, 3), 4, TINY)  # 10 rows over 8 PEs: chunks of 2 -> 5 shards
+    p = place(Shard(dim=0, min_bytes=0), (10, 3), 4, TINY)  # 10 rows over 8 PEs: chunks of 2 -> 5 shards
     assert [(s.start, s.stop) for s in p.shards] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     assert [s.offset for s in p.shards] == [0, 24, 48, 72, 96]
     assert [s.coord for s in p.shards] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 1, 0)]
 
 
 def test_shard_columns_are_stored_shard_major() -> None:
-    p = place(Shard(dim=1), (3, 5), 4, TINY)  # 5 columns over 8 PEs: 5 shards of 1 column
+    p = place(Shard(dim=1, min_bytes=0), (3, 5), 4, TINY)  # 5 columns over 8 PEs: 5 shards of 1 column
     assert p.shard_dim == 1
     assert [s.nbytes for s in p.shards] == [12] * 5
     assert [s.offset for s in p.shards] == [0, 12, 24, 36, 48]
@@ -70,9 +70,9 @@ def test_negative_dim_and_out_of_range() -> None:
 
 
 def test_over_cube_and_sip_put_chunks_on_pe0() -> None:
-    p = place(Shard(over="cube"), (16,), 4, DEFAULT)
+    p = place(Shard(over="cube", min_bytes=0), (16,), 4, DEFAULT)
     assert [s.coord for s in p.shards] == [(s, c, 0) for s in range(2) for c in range(4)]
-    p = place(Shard(over="sip"), (16,), 4, DEFAULT)
+    p = place(Shard(over="sip", min_bytes=4), (16,), 4, DEFAULT)
     assert [s.coord for s in p.shards] == [(0, 0, 0), (1, 0, 0)]
 
 
@@ -133,3 +133,55 @@ def test_target_groups_cover_exactly_the_pes(indices: set[int]) -> None:
     assert sorted(covered) == sorted(coords)  # exact cover, nothing twice
     if len(coords) == DEFAULT.num_pes:
         assert _target_groups(coords, DEFAULT) == [("all", "all", "all")]
+
+
+def _held(p: object, page: int) -> int:
+    """Device bytes a placement holds: every shard rounded up to whole pages, as the runtime allocates."""
+    return sum(-(-s.nbytes // page) * page for s in p.shards)  # type: ignore[attr-defined]
+
+
+def test_small_tensors_use_fewer_shards() -> None:
+    page = DEFAULT.memory.page_size  # 64 KiB
+    p = place(Shard(), (1024,), 4, DEFAULT)  # 4 KiB over 64 PEs: 4096 // 65536 = 0 -> one chunk
+    assert [(s.coord, s.nbytes) for s in p.shards] == [((0, 0, 0), 4096)]
+    assert _held(p, page) == page  # was 64 pages (4 MiB) with one chunk per PE
+    # 200 KiB of float32: 204800 // 65536 = 3 chunks of ceil(51200 / 3) = 17067 rows.
+    p = place(Shard(), (51200,), 4, DEFAULT)
+    assert [s.nbytes for s in p.shards] == [17067 * 4, 17067 * 4, (51200 - 2 * 17067) * 4]
+    assert [s.coord for s in p.shards] == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    assert _held(p, page) == 6 * page <= 2 * 204800 + page
+    # 64 pages or more: one chunk per PE, as before.
+    p = place(Shard(), (64 * page // 4,), 4, DEFAULT)
+    assert len(p.shards) == 64 and _held(p, page) == 64 * page
+    # min_bytes=0 keeps one chunk per target; an explicit minimum counts bytes.
+    assert len(place(Shard(min_bytes=0), (1024,), 4, DEFAULT).shards) == 64
+    assert len(place(Shard(min_bytes=1024), (1024,), 4, DEFAULT).shards) == 4
+    assert len(place(Shard(over="cube"), (1024,), 4, DEFAULT).shards) == 1
+
+
+def test_min_bytes_is_checked_and_shown() -> None:
+    with pytest.raises(ValueError, match=r"min_bytes=-1"):
+        Shard(min_bytes=-1)
+    with pytest.raises(TypeError, match="min_bytes"):
+        Shard(min_bytes=1.5)  # type: ignore[arg-type]
+    assert repr(Shard()) == "Shard(dim=0, over='pe', targets=None)"
+    assert repr(Shard(min_bytes=0)) == "Shard(dim=0, over='pe', targets=None, min_bytes=0)"
+
+
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, 2),
+    st.sampled_from(["pe", "cube", "sip"]),
+    st.integers(1, 6),
+)
+def test_held_memory_is_at_most_twice_the_bytes_plus_a_page(
+    shape: list[int], itemsize: int, dim: int, over: str, scale: int
+) -> None:
+    page = DEFAULT.memory.page_size
+    shape = [n * (page // 64 if i == 0 else 1) * scale for i, n in enumerate(shape)]  # up to a few MiB
+    p = place(Shard(dim=dim % len(shape), over=over), tuple(shape), itemsize, DEFAULT)  # type: ignore[arg-type]
+    nbytes = math.prod(shape) * itemsize
+    assert sum(s.nbytes for s in p.shards) == nbytes
+    assert _held(p, page) <= 2 * nbytes + page
+    assert all(s.nbytes >= page for s in p.shards[:-1])  # only the last chunk may be below a page

@@ -10,7 +10,7 @@ import kbus
 
 async def workload(torch):
     host = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
-    x = torch.tensor(host)
+    x = torch.tensor(host, policy=kbus.Shard(dim=0, min_bytes=0))  # 64 KiB: a shard on every PE anyway
     y = (x * 2 + 1).sum(dim=1)
     gathered = x.to(kbus.Replicate(targets=[(0, 0, 0)]))
     await gathered

@@ -3,12 +3,16 @@
 Sections (all by default; name some to run only those):
 
 ``sweep``   ``c = a + b`` of float32 tensors from 4 KiB to 256 MiB, ``Shard(dim=0)``
-            over the 64 PEs of ``default``. Each round runs numpy's add and then
-            kbus's on the same size; the table gives both medians, the
+            over the 64 PEs of ``default`` (tensors below 64 pages use fewer
+            shards, one per page at most; a last row repeats 4 KiB with
+            ``Shard(dim=0, min_bytes=0)``, one 64-byte shard on every PE). Each
+            round runs numpy's add and then kbus's on the same size; the table
+            gives the shards, the device memory ``c`` holds, both medians, the
             min/median/max of the per-round ratio kbus/numpy and the virtual time
             of one add. Also written as CSV (``--csv``, default ``runtime_sweep.csv``).
 ``scale``   sharded create + add + free (``a = ones(n); b = ones(n); c = a + b;
-            await c; free all; synchronize``) with one 4 KiB shard per PE on
+            await c; free all; synchronize``) with one 4 KiB shard per PE
+            (``Shard(dim=0, min_bytes=0)``: the default would use one PE in 16) on
             8, 64, 1024 and 4096 PEs (the ``large`` preset's memory and timing,
             topology overridden), plus the device build and close. The peer is the
             same program in numpy, timed in the same rounds. ``step`` is the growth
@@ -91,13 +95,14 @@ async def atimed(fn: Callable[[], Awaitable[Any]]) -> float:
 async def sweep(rounds: int, csv_path: Path) -> None:
     rows: list[list[str]] = []
     records: list[dict[str, Any]] = []
+    cases = [(nbytes, kbus.Shard(dim=0)) for nbytes in SIZES] + [(SIZES[0], kbus.Shard(dim=0, min_bytes=0))]
     async with kbus.open_device("default") as torch:
-        for nbytes in SIZES:
+        for nbytes, policy in cases:
             n = nbytes // 4
             x = np.random.default_rng(0).random(n, dtype=np.float32)
             y = np.random.default_rng(1).random(n, dtype=np.float32)
-            a = torch.tensor(x, policy=kbus.Shard(dim=0))
-            b = torch.tensor(y, policy=kbus.Shard(dim=0))
+            a = torch.tensor(x, policy=policy)
+            b = torch.tensor(y, policy=policy)
             await a
             await b
             t_np: list[float] = []
@@ -114,16 +119,21 @@ async def sweep(rounds: int, csv_path: Path) -> None:
                 virtual = torch.now_ps - v0
                 c.free()
                 await torch.synchronize()
+            held = torch.memory_stats().used
             c = a + b
             if not np.array_equal(await c.numpy(), x + y):
                 raise SystemExit(f"kbus a + b differs from numpy at {size_label(nbytes)}")
+            held = torch.memory_stats().used - held
+            shards = len(c.shards)
             for t in (a, b, c):
                 t.free()
             await torch.synchronize()
             ratios = [k / p for k, p in zip(t_kb, t_np, strict=True)]
             rows.append(
                 [
-                    size_label(nbytes),
+                    size_label(nbytes) + ("" if policy.min_bytes is None else " min_bytes=0"),
+                    str(shards),
+                    size_label(held),
                     ms(statistics.median(t_np)),
                     ms(statistics.median(t_kb)),
                     spread(ratios),
@@ -133,6 +143,9 @@ async def sweep(rounds: int, csv_path: Path) -> None:
             records.append(
                 {
                     "bytes": nbytes,
+                    "min_bytes": "page" if policy.min_bytes is None else policy.min_bytes,
+                    "shards": shards,
+                    "held_bytes": held,
                     "numpy_median_s": statistics.median(t_np),
                     "kbus_median_s": statistics.median(t_kb),
                     "ratio_min": min(ratios),
@@ -143,7 +156,7 @@ async def sweep(rounds: int, csv_path: Path) -> None:
             )
     print_table(
         f"a + b, float32, Shard(dim=0) over 64 PEs (default), {rounds} interleaved rounds",
-        ["size", "numpy", "kbus", "kbus/numpy min/med/max", "virtual"],
+        ["size", "shards", "c holds", "numpy", "kbus", "kbus/numpy min/med/max", "virtual"],
         rows,
     )
     with csv_path.open("w", newline="") as f:
@@ -158,8 +171,9 @@ async def sweep(rounds: int, csv_path: Path) -> None:
 
 def config_for(pes: int) -> DeviceConfig:
     s, c, p = TOPOLOGIES[pes]
+    cols = max(k for k in range(1, c + 1) if c % k == 0 and k * k <= c)  # the squarest torus grid of c cubes
     return DeviceConfig.load("large").with_overrides(
-        {"topology.sips": s, "topology.cubes_per_sip": c, "topology.pes_per_cube": p}
+        {"topology.sips": s, "topology.cubes_per_sip": c, "topology.pes_per_cube": p, "topology.cube_cols": cols}
     )
 
 
@@ -170,8 +184,9 @@ async def scale_round(cfg: DeviceConfig, n: int) -> tuple[float, float, float]:
     torch = await session.__aenter__()
     t1 = time.perf_counter()
     try:
-        a = torch.ones(n, policy=kbus.Shard(dim=0))
-        b = torch.ones(n, policy=kbus.Shard(dim=0))
+        one_per_pe = kbus.Shard(dim=0, min_bytes=0)  # 4 KiB is below a page: keep a shard on every PE
+        a = torch.ones(n, policy=one_per_pe)
+        b = torch.ones(n, policy=one_per_pe)
         c = a + b
         await c
         assert len(c.shards) == cfg.num_pes
