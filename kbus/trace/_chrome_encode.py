@@ -290,39 +290,16 @@ class ChromeEncoder:
                 src, dst = link_ends(path)
                 tr = self._track(path, "link", src)
                 entry = self._links[path] = (tr, dst == "host", _template(tr, "link"))
-            tr = entry[0]
-            d = dur or 0
-            lanes = tr.lanes
-            rec = entry[2].copy()
-            rec["name"] = name
-            rec["ts"] = ts / 1e6
-            rec["dur"] = d / 1e6
-            if lanes[0] <= ts:
-                lanes[0] = ts + d
-            else:
-                rec["tid"] = self._place(tr, ts, ts + d)
-            if args is not None:
-                rec["args"] = args
-                if entry[1] and self._flows:
-                    fid = self._flows.get((args.get("correlation_id"), args.get("request_id")))
-                    if fid is not None:
-                        rec["bind_id"] = fid
-                        rec["flow_in"] = True
-                        self._flow_used.add(fid)
+            rec = self._slice(entry[0], entry[2], name, ts, dur or 0, args)
+            if args is not None and entry[1] and self._flows:
+                fid = self._flows.get((args.get("correlation_id"), args.get("request_id")))
+                if fid is not None:
+                    rec["bind_id"] = fid
+                    rec["flow_in"] = True
+                    self._flow_used.add(fid)
         elif cat == "busy":
             tr = self._blocks.get(path) or self._track(path, "", path)
-            d = dur or 0
-            lanes = tr.lanes
-            rec = tr.busy.copy()
-            rec["name"] = name
-            rec["ts"] = ts / 1e6
-            rec["dur"] = d / 1e6
-            if lanes[0] <= ts:
-                lanes[0] = ts + d
-            else:
-                rec["tid"] = self._place(tr, ts, ts + d)
-            if args is not None:
-                rec["args"] = args
+            rec = self._slice(tr, tr.busy, name, ts, dur or 0, args)
         elif cat == "depth":
             if not self.counters:
                 return
@@ -352,6 +329,23 @@ class ChromeEncoder:
             self._span(ts, dur, cat, name, path, args)
             return
         self._out(rec)
+
+    def _slice(
+        self, tr: _Track, template: dict[str, Any], name: str, ts: int, dur: int, args: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """An ``X`` record on ``tr`` from its template, in lane 0 when that lane is free (the common case)."""
+        lanes = tr.lanes
+        rec = template.copy()
+        rec["name"] = name
+        rec["ts"] = ts / 1e6
+        rec["dur"] = dur / 1e6
+        if lanes[0] <= ts:
+            lanes[0] = ts + dur
+        else:
+            rec["tid"] = self._place(tr, ts, ts + dur)
+        if args is not None:
+            rec["args"] = args
+        return rec
 
     def _span_key(self, cat: str, name: str, path: str, args: dict[str, Any] | None) -> _SpanKey:
         """What pairs a begin marker with its span: where, what, and the ids the args carry."""
