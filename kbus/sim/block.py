@@ -74,21 +74,20 @@ class Block:
     def busy(self, ps: int, label: str = "busy") -> Awaitable[None]:
         """Spend ``ps`` picoseconds working (counted as busy time); await the result.
 
-        Without a hook this is the engine's sleep itself, not a coroutine
-        around it: one frame less on every block's busiest path.
+        This is the engine's sleep itself, not a coroutine around it: one
+        frame less on every block's busiest path. A sleep in virtual time ends
+        exactly when planned, so the ``on_busy`` hook is told the whole span
+        (start, start + ps) as it begins, and the busy time is counted then too
+        (a block cancelled mid-span, which only happens at shutdown, keeps it).
         """
         if ps <= 0:
             return _idle()
         self.busy_ps += ps
-        if self.on_busy is None:
-            return self.sim.sleep(ps)
-        return self._busy_traced(ps, label)
-
-    async def _busy_traced(self, ps: int, label: str) -> None:
-        start = self.sim.now
-        await self.sim.sleep(ps)
+        sim = self.sim
         if self.on_busy is not None:
-            self.on_busy(self, start, self.sim.now, label)
+            now = sim.now
+            self.on_busy(self, now, now + ps, label)
+        return sim.sleep(ps)
 
     def send(self, link: Link, msg: Any, inbox: Inbox[Any], nbytes: int = 0) -> Coroutine[Any, Any, None]:
         """Send ``msg`` over ``link`` to ``inbox``, counting it as output of this block; await the result.

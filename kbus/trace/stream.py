@@ -4,18 +4,19 @@ Design, and why
 ---------------
 
 * **Publishing never waits.** The simulation calls :meth:`StreamSink.write`
-  from inside its hooks; it appends the event to one bounded ring
-  (``collections.deque(maxlen=buffer)``) and bumps a sequence number. That is
-  O(1) whatever the number of clients, and it never awaits, so no client can
-  slow virtual time down, however slow it is.
+  from inside its hooks; it appends the event to the block being filled and,
+  every ``batch`` events, encodes that block once (one orjson call) into a
+  bounded ring of blocks. That is O(1) whatever the number of clients, and it
+  never awaits, so no client can slow virtual time down, however slow it is.
 * **Each client is a cursor into the ring.** A client's relay task (one per
   connection, separate from the handler that reads the client's messages)
   wakes every ``flush_interval`` seconds of wall time, takes the events between
   its cursor and the head, filters them and sends them in frames of at most
   ``batch`` events (one event per frame costs ~30x more).
 * **A frame is encoded once.** The ring is cut into *blocks* of ``batch``
-  consecutive sequence numbers; the frame for a whole block under one filter
-  is encoded once and the same bytes go to every client with that filter.
+  consecutive sequence numbers; an unfiltered client is sent the block's bytes
+  as they were sealed, and the frame for a whole block under a filter is
+  built once and the same bytes go to every client with that filter.
   A block still filling is sent on its own only once the simulation has
   paused (the head did not move for a whole ``flush_interval``), so a
   running simulation costs one encoding per block per filter, not per client. The ring is the
@@ -39,7 +40,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from importlib import resources
-from itertools import islice
 from typing import Any, Final
 
 import orjson
@@ -48,6 +48,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ._chrome_encode import encode_batch
 from .events import CATEGORIES, FIELDS, Event, dumps
 from .tracer import TraceError, Tracer
 
@@ -56,6 +57,7 @@ __all__ = ["EventFilter", "StreamClient", "StreamSink", "TraceServer", "serve", 
 log = logging.getLogger("kbus.trace.stream")
 
 _OPS: Final = ("subscribe", "unsubscribe", "status")
+_FRAME_HEAD: Final = b'{"type":"events","events":'
 _FILTER_KEYS: Final = ("path_prefix", "cat", "msg_type")
 
 
@@ -84,28 +86,79 @@ def _http_page(connection: ServerConnection, request: Request) -> Response | Non
 
 
 class StreamSink:
-    """A bounded ring of events that stream clients read at their own pace.
+    """A bounded ring of encoded event blocks that stream clients read at their own pace.
 
-    ``write`` is the whole cost the simulation pays for streaming. The
+    ``write`` is the whole cost the simulation pays for streaming: it appends
+    the event to the block being filled, and every ``batch`` events that block
+    is encoded as one JSON array (a single orjson call) and the event objects
+    are let go. Keeping tens of thousands of live tuples and dicts for late
+    readers cost more than encoding them (allocation, cache misses, garbage
+    collector scans); a sealed block is one bytes object nobody scans.
+
+    Sequence numbers count events from 0; block ``k`` holds events
+    ``[k * batch, (k + 1) * batch)``. The ring keeps the last
+    ``ceil(buffer / batch)`` sealed blocks plus the block still filling. The
     topology (``meta`` event) is kept aside, not in the ring, so every
     subscriber can get it whenever it arrives.
     """
 
-    def __init__(self, buffer: int = 32768) -> None:
+    def __init__(self, buffer: int = 32768, batch: int = 256) -> None:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise TraceError(f"StreamSink: buffer must be an int >= 1 (events kept per client), got {buffer!r}")
-        self.ring: deque[Event] = deque(maxlen=buffer)
-        self.seq = 0
-        """Events written so far; the ring holds sequence numbers ``[seq - len(ring), seq)``."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise TraceError(f"StreamSink: batch must be an int >= 1 (events per block), got {batch!r}")
+        self.batch = batch
+        self.blocks: deque[bytes] = deque(maxlen=-(-buffer // batch))
+        """Sealed blocks, oldest first, each a JSON array of ``batch`` events."""
+        self.sealed = 0
+        """Blocks sealed so far (the last of them is ``blocks[-1]``)."""
+        self.pending: list[Event] = []
+        """The block being filled, as event tuples."""
         self.topology: dict[str, Any] | None = None
+
+    @property
+    def seq(self) -> int:
+        """Events written so far (the head's sequence number)."""
+        return self.sealed * self.batch + len(self.pending)
+
+    @property
+    def oldest(self) -> int:
+        """Sequence number of the oldest event still in the ring."""
+        return (self.sealed - len(self.blocks)) * self.batch
 
     def write(self, event: Event) -> None:
         if event[2] == "meta":
             if event[3] == "topology":
                 self.topology = event[5]
             return
-        self.ring.append(event)
-        self.seq += 1
+        pending = self.pending
+        pending.append(event)
+        if len(pending) >= self.batch:
+            self.blocks.append(encode_batch(pending))
+            pending.clear()
+            self.sealed += 1
+
+    def block(self, k: int) -> bytes | None:
+        """Sealed block ``k`` (a JSON array), or None if it is not sealed yet or has left the ring."""
+        i = k - (self.sealed - len(self.blocks))
+        if k >= self.sealed or i < 0:
+            return None
+        return self.blocks[i]
+
+    def events(self, start: int, end: int) -> list[Any]:
+        """The events with sequence numbers ``[start, end)`` inside one block, decoded if it is sealed.
+
+        Decoded events are lists (JSON arrays), the same values the tuples
+        encode to; filters and the encoder treat both alike.
+        """
+        k, first = divmod(start, self.batch)
+        last = end - k * self.batch
+        blob = self.block(k)
+        if blob is not None:
+            return list(orjson.loads(blob)[first:last])
+        if k == self.sealed:
+            return self.pending[first:last]
+        return []
 
     def close(self) -> None:
         """Nothing to release; the ring is kept so late readers can still drain it."""
@@ -264,12 +317,12 @@ class StreamClient:
 
     @property
     def dropped(self) -> int:
-        oldest = self._sink.seq - len(self._sink.ring)
+        oldest = self._sink.oldest
         return self._dropped + max(0, oldest - self.cursor)
 
     def catch_up(self) -> None:
         """Move the cursor to the oldest event still in the ring, counting what was lost."""
-        oldest = self._sink.seq - len(self._sink.ring)
+        oldest = self._sink.oldest
         if self.cursor < oldest:
             self._dropped += oldest - self.cursor
             self.cursor = oldest
@@ -381,7 +434,7 @@ class TraceServer:
             client.filter_key = dumps(filt.to_json())
             client.predicate = filt.compile()
             client.catch_up()  # losses under the previous subscription stay counted
-            client.cursor = sink.seq - len(sink.ring) if backlog else sink.seq
+            client.cursor = sink.oldest if backlog else sink.seq
             return dumps(
                 {
                     "type": "subscribed",
@@ -471,29 +524,36 @@ class TraceServer:
                     return
                 end = head
             # Take the events out of the ring before awaiting: the ring moves meanwhile.
-            ring = sink.ring
-            first = cursor - (sink.seq - len(ring))
             if offset == 0 and end == (block + 1) * size:
-                frame, n = self._block_frame(client.filter_key, block, pred, ring, first)
+                frame, n = self._block_frame(client.filter_key, block, pred)
             else:
-                frame, n = self._encode([ev for ev in islice(ring, first, first + end - cursor) if pred(ev)])
+                frame, n = self._encode([ev for ev in sink.events(cursor, end) if pred(ev)])
             client.cursor = end
             if n:
                 await client.ws.send(frame, text=True)
                 client.sent += n
                 client.frames += 1
 
-    def _block_frame(
-        self, key: bytes, block: int, pred: Callable[[Event], bool], ring: deque[Event], first: int
-    ) -> tuple[bytes, int]:
-        """The frame of a whole block under one filter, encoded by the first client to need it."""
+    def _block_frame(self, key: bytes, block: int, pred: Callable[[Event], bool]) -> tuple[bytes, int]:
+        """The frame of a whole sealed block under one filter, built by the first client to need it.
+
+        Without a filter the frame wraps the block's bytes as they are; with
+        one, the block is decoded, filtered and encoded again, once per filter.
+        """
         cached = self._frames.get((key, block))
         if cached is None:
-            cached = self._encode([ev for ev in islice(ring, first, first + self.batch) if pred(ev)])
+            blob = self.sink.block(block)
+            if blob is None:
+                return b"", 0
+            if pred is _match_all:
+                self.frames_encoded += 1
+                cached = (_FRAME_HEAD + blob + b"}", self.batch)
+            else:
+                cached = self._encode([ev for ev in orjson.loads(blob) if pred(ev)])
             frames = self._frames
             frames[(key, block)] = cached
-            if len(frames) > 4 * (ring.maxlen or 1) // self.batch + 64:
-                oldest = (self.sink.seq - len(ring)) // self.batch
+            if len(frames) > 4 * (self.sink.blocks.maxlen or 1) + 64:
+                oldest = self.sink.oldest // self.batch
                 for k in [k for k in frames if k[1] < oldest]:
                     del frames[k]
         return cached
@@ -502,7 +562,7 @@ class TraceServer:
         if not events:
             return b"", 0
         self.frames_encoded += 1
-        return dumps({"type": "events", "events": events}), len(events)
+        return _FRAME_HEAD + encode_batch(events) + b"}", len(events)
 
     def __repr__(self) -> str:
         return f"<TraceServer {self.url} clients={len(self._clients)} events={self.sink.seq}>"
@@ -543,7 +603,7 @@ async def serve(
     for name, value in (("flush_interval", flush_interval), ("status_interval", status_interval)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise TraceError(f"serve: {name} must be a number of seconds > 0, got {value!r}")
-    sink = StreamSink(buffer)
+    sink = StreamSink(buffer, batch)
     existing = getattr(device.sim, "tracer", None)
     own_tracer = not (isinstance(existing, Tracer) and existing.device is device and existing.attached)
     tracer = Tracer(device) if own_tracer else existing

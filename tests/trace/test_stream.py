@@ -346,3 +346,22 @@ async def test_the_viewer_page_is_served_on_the_stream_port_and_clients_are_repo
             assert (await recv_type(ws, "status"))["clients"] == 1
         await until(lambda: len(seen) == 2, what="the disconnect report")
     assert [w for w, _ in seen] == ["connect", "disconnect"] and seen[0][1] == seen[1][1]
+
+
+def test_stream_sink_seals_blocks_and_keeps_a_bounded_ring() -> None:
+    """Every ``batch`` events become one encoded block; the ring keeps ceil(buffer / batch) of them."""
+    from kbus.trace import StreamSink
+
+    sink = StreamSink(buffer=20, batch=8)  # ceil(20 / 8) = 3 sealed blocks kept
+    events = [(i * 1000, 500, "busy", "work", f"sip0.cube0.pe{i % 4}", None if i % 2 else {"n": i}) for i in range(45)]
+    for ev in events:
+        sink.write(ev)
+    assert sink.seq == 45 and sink.sealed == 5 and len(sink.pending) == 5
+    assert sink.oldest == (5 - 3) * 8  # blocks 0 and 1 left the ring
+    assert sink.block(1) is None and sink.block(5) is None
+    assert orjson.loads(sink.block(2) or b"") == [list(ev) for ev in events[16:24]]
+    assert sink.events(19, 24) == [list(ev) for ev in events[19:24]]  # decoded from a sealed block
+    assert sink.events(41, 45) == events[41:45]  # the block still filling, as tuples
+    assert sink.events(3, 8) == []  # gone from the ring
+    with pytest.raises(Exception, match="batch must be an int >= 1"):
+        StreamSink(batch=0)
