@@ -145,24 +145,57 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
     )
 
 
-def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: bool = True) -> int:
-    """Run the demo on a fresh device; returns the process exit code."""
-    import kbus
-
-    console = Console(highlight=False)  # numbers and units are coloured by us, not guessed at
-    cfg = DeviceConfig.load(config)
+def _heading(console: Console, cfg: DeviceConfig, where: str = "") -> None:
     t = cfg.topology
     console.print(
-        f"[bold]kbus demo[/] on {cfg.name!r}: {plural(t.sips, 'SIP')} x {plural(t.cubes_per_sip, 'cube')} x "
+        f"[bold]kbus demo[/] on {cfg.name!r}{where}: {plural(t.sips, 'SIP')} x {plural(t.cubes_per_sip, 'cube')} x "
         f"{plural(t.pes_per_cube, 'PE')} = {plural(cfg.num_pes, 'PE')}"
     )
 
+
+def _remote_summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) -> None:
+    """The summary of a run on a remote device: its blocks and links live in the server, so no fabric tables."""
+    ok = all(r[1] for r in rows)
+    console.print(
+        f"[bold]{'all results match numpy' if ok else 'SOME RESULTS DIFFER FROM NUMPY'}[/]; "
+        f"virtual time {format_time(torch.now_ps)} on the device at {torch.device.url}"
+    )
+
+
+def run_demo(
+    config: str = "default",
+    *,
+    trace: str | None = None,
+    use_uvloop: bool = True,
+    connect: str | None = None,
+    record: str | None = None,
+    token: str | None = None,
+) -> int:
+    """Run the demo on a fresh device (or the device served at ``connect``); returns the exit code.
+
+    ``record`` writes a ``.kbrec`` recording of the run (see ``kbus replay``).
+    """
+    import kbus
+
+    console = Console(highlight=False)  # numbers and units are coloured by us, not guessed at
+    cfg = None
+    if connect is None:
+        cfg = DeviceConfig.load(config)
+        _heading(console, cfg)
+
     async def main() -> int:
-        async with kbus.open_device(cfg, trace=trace) as torch:
+        async with kbus.open_device(cfg or connect, trace=trace, record=record, token=token) as torch:  # type: ignore[arg-type]
+            if connect is not None:
+                _heading(console, torch.config, f" at {connect}")
             rows = await workload(torch, console)
-            _summary(torch, console, rows)
+            if connect is not None:
+                _remote_summary(torch, console, rows)
+            else:
+                _summary(torch, console, rows)
         if trace:
             console.print(f"trace written to {trace} (open it in https://ui.perfetto.dev)")
+        if record:
+            console.print(f"recording written to {record} (replay it: kbus replay {record})")
         return 0 if all(r[1] for r in rows) else 1
 
     return run(main, use_uvloop=use_uvloop)

@@ -26,13 +26,20 @@ Lockstep with the server
 ------------------------
 In process, the device's time cannot move between "an answer arrived" and
 "the host reacted to it" (the engine's host token). Across a socket the
-server keeps that rule by holding its engine for every response it sends until
-the client *acks* it, and the client acks once its local engine is quiescent
-again: nothing ready, no host wake-up pending, only its own hold left. Any
-request the host sent in reaction went out before the ack on the same ordered
-connection, so it enters the device at the same virtual time as it would in
-process, and a program takes the same virtual time on a remote device as on a
-local one (tested).
+server keeps that rule by holding its engine for every response it sends (and
+for the hello, while the host sets up) until the client *acks* it, and the
+client acks once its local engine is quiescent again: nothing ready, no host
+wake-up pending, only its own hold left, seen twice across a loop pass (so a
+loop callback already queued, such as the free of a garbage-collected tensor,
+gets to send its requests first). Any request the host sent in reaction went
+out before the ack on the same ordered connection, so it enters the device at
+the virtual time it was sent at, whatever the wall-clock delays: a program
+takes the same virtual time on every run, on asyncio and uvloop (tested).
+Virtual time moves only while every client is blocked on the device, exactly
+as a local device's time moves only while its host is. (The numbers can
+differ slightly from an in-process run of the same program: there the host's
+tasks share the device's engine, so requests issued at the same picosecond
+interleave with the device's own events in another order.)
 
 Host buffers
 ------------
@@ -191,6 +198,10 @@ class RemoteDevice(Device):
         self._out_ready = asyncio.Event()
         self._closed = False
         self._failure: BaseException | None = None
+        # The hello counts as a response to react to: the server holds time until the
+        # host has set up and gone quiet (see "Lockstep" above).
+        self._unacked = 1
+        self._schedule_ack()
         self._reader = asyncio.create_task(self._read_loop(), name=f"kbus remote reader {url}")
         self._writer = asyncio.create_task(self._write_loop(), name=f"kbus remote writer {url}")
 

@@ -242,6 +242,9 @@ class DeviceServer:
         self._conns[conn] = None
         self.stats.connections += 1
         writer = asyncio.create_task(conn.write_loop(), name=f"kbus remote writer {conn.n}")
+        # A new client is busy until it first acks (its script is setting up): hold time for it.
+        conn.unacked = 1
+        self.sim.hold()
         conn.send(
             {
                 "t": "hello",
