@@ -158,6 +158,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     result = replay(args.recording, args.config, trace=args.trace, use_uvloop=not args.no_uvloop)
     console = Console(highlight=False)
+    console = Console(highlight=False, width=max(console.width, 128))  # nine columns of times fit
     print_replay(result, console)
     if args.csv:
         result.write_csv(args.csv)

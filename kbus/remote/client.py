@@ -41,6 +41,12 @@ differ slightly from an in-process run of the same program: there the host's
 tasks share the device's engine, so requests issued at the same picosecond
 interleave with the device's own events in another order.)
 
+Kernels
+-------
+Writing a ``@kbus.kernel``'s code blob first sends the kernel's source and the
+globals it uses (once per kernel and connection); the server registers it, so
+launches find it there (see :mod:`kbus.remote.kernels`).
+
 Host buffers
 ------------
 Registering a buffer announces its name and size; the bytes a write reads
@@ -74,9 +80,11 @@ from ..errors import CodecError, DeviceError, RemoteError
 from ..hw import Device, DeviceConfig
 from ..hw.blocks import REQUESTS, as_bytes
 from ..hw.device import PeNode
+from ..lang.kernel import MAX_BLOB, KernelId
 from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_wire
 from ..sim import Sim
 from ..sim.units import format_time
+from .kernels import blob_kernel, kernel_specs
 from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame
 
 __all__ = ["ClientSim", "RemoteDevice", "connect_device"]
@@ -189,6 +197,7 @@ class RemoteDevice(Device):
         self._calls: dict[int, _Call] = {}
         self._buffers: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self._sent: dict[str, _Ranges] = {}
+        self._shipped: set[KernelId] = set()
         self._delivered = 0
         self._unacked = 0
         self._ack_scheduled = False
@@ -274,6 +283,7 @@ class RemoteDevice(Device):
         self._check_open()
         wire = to_wire(msg)
         if type(msg) is MemoryWriteMsg and msg.src_kind == "host_buffer_ref" and msg.host_buffer in self._buffers:
+            self._ship_kernel(msg)
             self._upload(msg.host_buffer, msg.host_offset, msg.nbytes)
         rid = next(self._ids)
         sim = self.sim
@@ -315,6 +325,19 @@ class RemoteDevice(Device):
         self.bytes_sent += len(data)
         self._out.append(data)
         self._out_ready.set()
+
+    def _ship_kernel(self, msg: MemoryWriteMsg) -> None:
+        """Before a kernel's code blob is written, send the kernel itself (see :mod:`kbus.remote.kernels`)."""
+        if not 0 < msg.nbytes <= MAX_BLOB or msg.host_buffer is None:
+            return
+        kern = blob_kernel(self._buffers[msg.host_buffer][msg.host_offset : msg.host_offset + msg.nbytes])
+        if kern is None or kern.id in self._shipped:
+            return
+        specs = kernel_specs(kern, set(self._shipped))
+        self._send({"t": "kernel", "specs": specs})
+        self._shipped.add(kern.id)
+        for spec in specs:
+            self._shipped.add(KernelId(spec["name"], spec["sha"], 0))
 
     def _upload(self, name: str, offset: int, nbytes: int) -> None:
         buf = self._buffers[name]

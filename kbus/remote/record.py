@@ -8,6 +8,8 @@ one and says where. Records, by ``"k"``:
 * ``header`` (first): ``format`` (:data:`FORMAT_VERSION`), ``kbus``,
   ``config`` (the device config as TOML), ``source`` (``"in-process"``,
   ``"client"`` or ``"server"``);
+* ``kernel``: client ``c`` deployed the ``@kbus.kernel`` kernels of ``specs``
+  (their source, see :mod:`kbus.remote.kernels`), so a replay registers them;
 * ``buf`` / ``free``: client ``c`` registered host buffer ``name``
   (``nbytes`` long) / forgot it, at virtual time ``t``;
 * ``req``: request number ``i`` of client ``c`` sent at ``t``: ``msg`` (its
@@ -33,7 +35,8 @@ from typing import IO, Any, Final
 import attrs
 import msgpack
 
-from ..errors import DeviceError, RecordingError
+from ..errors import DeviceError, RecordingError, RemoteError
+from ..lang.kernel import MAX_BLOB
 from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, to_wire
 
 __all__ = ["FORMAT_VERSION", "Recorder", "Recording", "read_recording"]
@@ -73,6 +76,7 @@ class Recorder:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._next = 0
         self._seen: dict[int, list[int]] = {}
+        self._kernels: set[Any] = set()
         self.requests = 0
         self._write(
             {"k": "header", "format": FORMAT_VERSION, "kbus": __version__, "config": config_toml, "source": source}
@@ -88,6 +92,10 @@ class Recorder:
 
     def on_register(self, client: int, name: str, nbytes: int, t: int) -> None:
         self._write({"k": "buf", "c": client, "name": name, "nbytes": nbytes, "t": t})
+
+    def on_kernel(self, client: int, specs: Any, t: int) -> None:
+        """Client ``client`` deploys kernels: keep their specs so a replay can register them."""
+        self._write({"k": "kernel", "c": client, "specs": specs, "t": t})
 
     def on_free(self, client: int, name: str, t: int) -> None:
         self._write({"k": "free", "c": client, "name": name, "t": t})
@@ -129,6 +137,19 @@ class Recorder:
         """Client ``client`` has seen the response to request ``i``: it joins its next request's frontier."""
         self._seen.setdefault(client, []).append(i)
 
+    def _note_kernel(self, client: int, data: bytes, t: int) -> None:
+        from .kernels import blob_kernel, kernel_specs
+
+        kern = blob_kernel(data)
+        if kern is None or kern.id in self._kernels:
+            return
+        try:
+            specs = kernel_specs(kern, set(self._kernels))
+        except RemoteError:
+            return  # not shippable: a replay in another process will say the kernel is not registered
+        self._kernels.add(kern.id)
+        self.on_kernel(client, specs, t)
+
     def close(self) -> None:
         f, self._file = self._file, None
         if f is not None:
@@ -165,7 +186,10 @@ class Recorder:
                     buf = device.host_buffer(msg.host_buffer)
                 except KeyError:
                     buf = None
-            i = self.on_request(client, msg, write_bytes(msg, buf), sim.now)
+            data = write_bytes(msg, buf)
+            if data is not None and len(data) <= MAX_BLOB:
+                self._note_kernel(client, data, sim.now)
+            i = self.on_request(client, msg, data, sim.now)
             try:
                 responses = await inner_request(msg)
             except DeviceError as exc:
@@ -222,6 +246,7 @@ class Recording:
 _KINDS: Final = {
     "buf": ("c", "name", "nbytes", "t"),
     "free": ("c", "name", "t"),
+    "kernel": ("c", "specs", "t"),
     "req": ("i", "c", "t", "seen", "msg", "data"),
     "resp": ("i", "t", "ok", "error", "raised", "responses", "data"),
 }

@@ -41,6 +41,7 @@ from ..hw.blocks import REQUESTS
 from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, from_wire, to_wire
 from ..sim import Sim, SimFuture
 from ..sim.units import format_time
+from .kernels import install_kernels
 from .record import Recording, read_recording
 from .server import prepare_device
 
@@ -168,6 +169,8 @@ class _Run:
             if r["k"] == "resp":
                 self.resps[r["i"]] = r
                 continue
+            if r["k"] == "kernel":
+                continue
             if r["k"] == "req":
                 self.reqs[r["i"]] = r
             self.events.setdefault(r["c"], []).append(r)
@@ -178,6 +181,7 @@ class _Run:
         self.outcome: dict[int, tuple[bool, str | None, list[dict[str, Any]], bytes | None]] = {}
         self.users: dict[str, int] = {}
         self.free_later: set[str] = set()
+        self.kernels: list[Any] = []
 
     def _name(self, client: int, name: str) -> str:
         return f"kbus.replay.{client}/{name}" if self.multi else name
@@ -195,6 +199,9 @@ class _Run:
         return attrs.evolve(msg, correlation_id=tag + msg.correlation_id)
 
     async def run(self) -> None:
+        for r in self.rec.records:
+            if r["k"] == "kernel":
+                install_kernels(r["specs"], self.kernels)
         for client, events in self.events.items():
             self.sim.spawn(self._host(client, events), name=f"replayed host {client}")
         try:

@@ -71,6 +71,7 @@ from ..hw import Device, DeviceConfig, build_device
 from ..hw.blocks import REQUESTS
 from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, from_wire, to_wire
 from ..sim import Sim
+from .kernels import install_kernels
 from .record import Recorder, read_range, write_bytes
 from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, WireFormat, decode_frame, encode_frame
 from .wire import field as _field
@@ -162,6 +163,8 @@ class DeviceServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws_server: Server | None = None
         self._closed = False
+        self._kernels: list[Any] = []
+        """Kernels clients sent (the kernel registry holds them weakly)."""
 
     @property
     def url(self) -> str:
@@ -309,6 +312,11 @@ class DeviceServer:
             conn.unacked -= n
             for _ in range(n):
                 self.sim.release()
+        elif kind == "kernel":
+            specs = frame.get("specs")
+            install_kernels(specs, self._kernels)
+            if self.recorder is not None:
+                self.recorder.on_kernel(conn.n, specs, self.sim.now)
         elif kind == "buf":
             self._on_buffer(conn, frame)
         elif kind == "put":
@@ -319,7 +327,7 @@ class DeviceServer:
                 raise CodecError(f"invalid free frame at name: host buffer {name!r} is not registered", "name")
             self._free(conn, name)
         else:
-            raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put or free)", "t")
+            raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put, free or kernel)", "t")
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)

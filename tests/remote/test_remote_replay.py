@@ -1,0 +1,142 @@
+"""Recordings: written in process, by a remote client and by a server; replayed identically or compared."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import msgpack
+import pytest
+
+import kbus
+from kbus.cli import main as cli
+from kbus.demo import workload
+from kbus.remote import FORMAT_VERSION, read_recording, replay, serve_device
+
+
+def _record_demo(path: Path, *, remote: bool = False) -> list[tuple[str, bool, int]]:
+    async def main() -> list[tuple[str, bool, int]]:
+        if not remote:
+            async with kbus.open_device("tiny", record=path) as torch:
+                return await workload(torch)
+        async with serve_device("tiny") as server, kbus.open_device(server.url, record=path) as torch:
+            return await workload(torch)
+
+    return kbus.run(main)
+
+
+def test_a_recorded_demo_replays_identically_on_its_own_config(tmp_path: Path) -> None:
+    path = tmp_path / "run.kbrec"
+    rows = _record_demo(path)
+    assert all(ok for _, ok, _ in rows)
+    rec = read_recording(path)
+    assert rec.format == FORMAT_VERSION and rec.source == "in-process" and rec.stopped is None
+    assert kbus.DeviceConfig.from_toml_text(rec.config_toml) == kbus.DeviceConfig.load("tiny")
+    kinds = {r["k"] for r in rec.records}
+    assert kinds == {"buf", "free", "req", "resp"}
+    reqs = list(rec.requests())
+    assert any(r["data"] for r in reqs)  # upload bytes were captured
+    assert any(r["seen"] for r in reqs[1:])  # so were causal frontiers
+    result = replay(path)
+    assert result.same_config and result.identical, result.differences
+    assert result.requests == len(reqs) and result.new_end_ps == result.old_end_ps > 0
+
+
+def test_a_replay_notices_a_response_that_differs(tmp_path: Path) -> None:
+    path = tmp_path / "run.kbrec"
+    _record_demo(path)
+    rec = read_recording(path)
+    tampered = tmp_path / "tampered.kbrec"
+    with open(path, "rb") as f:
+        objs = list(msgpack.Unpacker(f, raw=False))
+    last_read = max(i for i, o in enumerate(objs) if o["k"] == "resp" and o["data"])
+    objs[last_read]["data"] = bytes(len(objs[last_read]["data"]))
+    tampered.write_bytes(b"".join(msgpack.packb(o, use_bin_type=True) for o in objs))
+    result = replay(tampered)
+    assert not result.identical
+    assert any("bytes read back differ" in d for d in result.differences), result.differences
+    assert len(rec.records) == len(objs) - 1
+
+
+def test_on_another_config_replay_compares_per_request_kind(tmp_path: Path) -> None:
+    path = tmp_path / "run.kbrec"
+    _record_demo(path)
+    result = replay(path, "default")
+    assert not result.same_config and result.old_config == "tiny" and result.new_config == "default"
+    kinds = {r.kind for r in result.rows}
+    assert {"memory_write", "memory_read", "mmu_map", "kernel_launch"} <= kinds
+    for row in result.rows:
+        assert row.count > 0 and row.old_total_ps > 0 and row.new_total_ps > 0
+        assert row.old_p50_ps <= row.old_p99_ps and row.new_p50_ps <= row.new_p99_ps
+    assert result.new_end_ps != result.old_end_ps
+    csv_path = tmp_path / "cmp.csv"
+    result.write_csv(csv_path)
+    with open(csv_path, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:3] == ["kind", "count", "old_total_ps"]
+    assert table[-1][:4] == ["end-to-end", str(result.requests), str(result.old_end_ps), str(result.new_end_ps)]
+
+
+def test_remote_client_and_server_recordings_replay_identically(tmp_path: Path) -> None:
+    client_rec, server_rec = tmp_path / "client.kbrec", tmp_path / "server.kbrec"
+
+    async def main() -> None:
+        async with (
+            serve_device("tiny", record=server_rec) as server,
+            kbus.open_device(server.url, record=client_rec) as torch,
+        ):
+            await workload(torch)
+
+    kbus.run(main)
+    assert read_recording(client_rec).source == "client"
+    assert read_recording(server_rec).source == "server"
+    for path in (client_rec, server_rec):
+        result = replay(path)
+        assert result.identical, (path.name, result.differences)
+    a, b = replay(client_rec), replay(server_rec)
+    assert a.old_end_ps == b.old_end_ps and a.requests == b.requests
+
+
+def test_a_cut_off_recording_replays_up_to_its_last_complete_record(tmp_path: Path) -> None:
+    path = tmp_path / "run.kbrec"
+    _record_demo(path)
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.kbrec"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    rec = read_recording(cut)
+    assert rec.stopped is not None and "is cut off" in rec.stopped and f"of {len(whole) * 2 // 3}" in rec.stopped
+    assert 0 < len(rec.records) < len(read_recording(path).records)
+    result = replay(cut)
+    assert result.stopped == rec.stopped
+    assert result.identical, result.differences  # everything that was recorded still matches
+
+
+def test_recordings_from_a_newer_format_or_not_recordings_are_refused(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.kbrec"
+    newer.write_bytes(msgpack.packb({"k": "header", "format": FORMAT_VERSION + 1, "config": ""}))
+    with pytest.raises(kbus.RecordingError, match=r"format version 2 is newer than this kbus reads"):
+        read_recording(newer)
+    junk = tmp_path / "junk.kbrec"
+    junk.write_bytes(b"hello world")
+    with pytest.raises(kbus.RecordingError, match="not a kbus recording"):
+        read_recording(junk)
+    with pytest.raises(kbus.RecordingError, match="cannot read recording"):
+        read_recording(tmp_path / "missing.kbrec")
+    assert cli(["replay", str(newer)]) == 2
+
+
+def test_replay_command_says_identical_or_prints_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "run.kbrec"
+    assert cli(["demo", "--preset", "tiny", "--record", str(path)]) == 0
+    assert "recording written to" in capsys.readouterr().out
+    assert cli(["replay", str(path)]) == 0
+    assert "identical" in capsys.readouterr().out
+    out_csv = tmp_path / "cmp.csv"
+    trace = tmp_path / "replay.json"
+    assert cli(["replay", str(path), "--config", "default", "--csv", str(out_csv), "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "'tiny' (old) vs 'default' (new)" in out and "end-to-end" in out and "memory_write" in out
+    assert out_csv.read_text().startswith("kind,count,")
+    assert trace.stat().st_size > 0
