@@ -176,6 +176,11 @@ class DeviceServer:
         """Connections open now."""
         return sum(1 for c in self._conns if c.open)
 
+    @property
+    def kernels(self) -> tuple[Any, ...]:
+        """The ``@kbus.kernel`` kernels clients have sent (registered in this process)."""
+        return tuple(self._kernels)
+
     def host_buffers(self) -> list[str]:
         """Names (as the device knows them) of every host buffer a client has registered and not freed."""
         return sorted(c.tag + name for c in self._conns for name in c.buffers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from pathlib import Path
 
@@ -140,3 +141,85 @@ def test_replay_command_says_identical_or_prints_the_comparison(
     assert "'tiny' (old) vs 'default' (new)" in out and "end-to-end" in out and "memory_write" in out
     assert out_csv.read_text().startswith("kind,count,")
     assert trace.stat().st_size > 0
+
+
+_KERNEL_SCRIPT = """
+import sys
+import numpy as np
+import kbus
+import kbus.lang as kl
+
+SCALE = 3.0
+
+
+@kbus.kernel
+def axpy(x_ptr, out_ptr, n, BLOCK: kl.constexpr):
+    offs = kl.program_id(0) * BLOCK + kl.arange(0, BLOCK)
+    mask = offs < n
+    kl.store(out_ptr + offs, kl.load(x_ptr + offs, mask=mask) * SCALE + 1.0, mask=mask)
+
+
+async def main():
+    async with kbus.open_device(sys.argv[1], record=sys.argv[2]) as torch:
+        a = np.arange(3000, dtype=np.float32)
+        x = torch.tensor(a)
+        out = torch.empty(3000, dtype=np.float32)
+        await axpy[(kl.cdiv(3000, 1024),)](x, out, 3000, BLOCK=1024)
+        assert np.allclose(await out.numpy(), a * 3 + 1)
+        print("ok")
+
+kbus.run(main)
+"""
+
+
+def test_a_user_kernel_runs_in_a_server_process_and_replays_in_a_fresh_one(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "axpy.py"
+    script.write_text(_KERNEL_SCRIPT)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("KBUS_CONNECT", None)
+    rec_local, rec_remote = tmp_path / "local.kbrec", tmp_path / "remote.kbrec"
+    done = subprocess.run(
+        [sys.executable, str(script), "tiny", str(rec_local)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+    async def main() -> None:
+        async with serve_device("tiny") as server:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), server.url, str(rec_remote), env=env
+            )
+            assert await proc.wait() == 0
+            assert len(server.kernels) == 1 and server.kernels[0].name == "__main__.axpy"
+
+    kbus.run(main)
+    for rec in (rec_local, rec_remote):
+        assert any(r["k"] == "kernel" for r in read_recording(rec).records)
+        out = subprocess.run(
+            [sys.executable, "-m", "kbus", "replay", str(rec)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "identical" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_kernel_using_a_global_that_cannot_travel_is_refused_by_name() -> None:
+    import numpy as np
+
+    import kbus.lang as kl
+
+    table = {"scale": 2.0}
+
+    @kbus.kernel
+    def scaled(x_ptr, n, BLOCK: kl.constexpr):  # type: ignore[no-untyped-def]
+        offs = kl.arange(0, BLOCK)
+        kl.store(x_ptr + offs, kl.load(x_ptr + offs, mask=offs < n) * table["scale"], mask=offs < n)
+
+    async def main() -> None:
+        async with serve_device("tiny") as server, kbus.open_device(server.url) as torch:
+            x = torch.tensor(np.ones(16, dtype=np.float32))
+            with pytest.raises(kbus.DeviceError, match=r"RemoteError: kernel .*closure variable 'table' is a dict"):
+                await scaled[(1,)](x, 16, BLOCK=16)
+
+    kbus.run(main)
