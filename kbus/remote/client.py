@@ -171,7 +171,9 @@ class RemoteDevice(Device):
     those attributes raise :class:`AttributeError` here.
     """
 
-    def __init__(self, ws: ClientConnection, hello: dict[str, Any], fmt: WireFormat, url: str) -> None:
+    def __init__(
+        self, ws: ClientConnection, hello: dict[str, Any], fmt: WireFormat, url: str, *, lockstep: bool = True
+    ) -> None:
         # Deliberately not Device.__init__: nothing of the hardware is built here.
         self.url = url
         self.format: WireFormat = fmt
@@ -209,8 +211,13 @@ class RemoteDevice(Device):
         self._failure: BaseException | None = None
         # The hello counts as a response to react to: the server holds time until the
         # host has set up and gone quiet (see "Lockstep" above).
-        self._unacked = 1
-        self._schedule_ack()
+        self.lockstep = lockstep
+        self._unacked = 0
+        if lockstep:
+            self._unacked = 1
+            self._schedule_ack()
+        else:
+            self._send({"t": "mode", "lockstep": False})
         self._reader = asyncio.create_task(self._read_loop(), name=f"kbus remote reader {url}")
         self._writer = asyncio.create_task(self._write_loop(), name=f"kbus remote writer {url}")
 
@@ -422,8 +429,9 @@ class RemoteDevice(Device):
         if now > sim.device_now:
             sim.device_now = now
         self._delivered += 1
-        self._unacked += 1
-        self._schedule_ack()
+        if self.lockstep:
+            self._unacked += 1
+            self._schedule_ack()
         call = self._settle(int(frame["id"]))
         if call is None:
             return
@@ -510,13 +518,17 @@ async def connect_device(
     format: WireFormat = "msgpack",
     max_size: int | None = None,
     open_timeout: float = 10.0,
+    lockstep: bool = True,
 ) -> RemoteDevice:
     """Connect to a device server (``kbus serve``) at ``url`` (``ws://host:port``).
 
     ``token`` (default: the ``KBUS_TOKEN`` environment variable) is sent as a
     bearer token; ``format`` is ``"msgpack"`` or ``"json"``; ``max_size``
     bounds the frames accepted from the server (default: no bound, the
-    server is trusted). Close it with ``await device.aclose()``.
+    server is trusted). ``lockstep=False`` lets the device's time run on while
+    this client reacts to a response: more requests per second, but virtual
+    times that depend on wall-clock timing (see :mod:`kbus.remote.server`).
+    Close it with ``await device.aclose()``.
     """
     if format not in ("msgpack", "json"):
         raise ValueError(f"connect_device: format must be 'msgpack' or 'json', got {format!r}")
@@ -554,7 +566,7 @@ async def connect_device(
     except BaseException:
         await ws.close()
         raise
-    return RemoteDevice(ws, hello, format, url)
+    return RemoteDevice(ws, hello, format, url, lockstep=lockstep)
 
 
 def is_url(spec: object) -> bool:

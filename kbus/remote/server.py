@@ -25,7 +25,11 @@ Virtual time
 ------------
 Every response sent takes a hold on the device's engine (``sim.hold``),
 released when the client acks it (``{"t": "ack"}``, sent once the client has
-finished reacting; see :mod:`kbus.remote.client`). Virtual time therefore
+finished reacting; see :mod:`kbus.remote.client`). A client may opt out with
+``{"t": "mode", "lockstep": false}`` (``connect_device(url, lockstep=False)``):
+its responses then hold nothing, the device runs on while it reacts, and the
+virtual times its requests see depend on wall-clock timing (more throughput,
+no determinism). Virtual time therefore
 stands still between "the device answered" and "the host reacted", as it
 does in process, and a program takes the same virtual time either way. The
 price: a client that takes wall time to react pauses the device for every
@@ -106,6 +110,7 @@ class _Conn:
         self.buffers: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self.host_bytes = 0
         self.unacked = 0
+        self.lockstep = True
         self.resp_order: list[int] = []
         self.seen = 0
         self.out: deque[bytes | str] = deque()
@@ -317,6 +322,12 @@ class DeviceServer:
             conn.unacked -= n
             for _ in range(n):
                 self.sim.release()
+        elif kind == "mode":
+            conn.lockstep = _field(frame, "lockstep", bool)
+            if not conn.lockstep:
+                for _ in range(conn.unacked):
+                    self.sim.release()
+                conn.unacked = 0
         elif kind == "kernel":
             specs = frame.get("specs")
             install_kernels(specs, self._kernels)
@@ -332,7 +343,7 @@ class DeviceServer:
                 raise CodecError(f"invalid free frame at name: host buffer {name!r} is not registered", "name")
             self._free(conn, name)
         else:
-            raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put, free or kernel)", "t")
+            raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put, free, kernel or mode)", "t")
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)
@@ -377,16 +388,26 @@ class DeviceServer:
 
     def _on_request(self, conn: _Conn, frame: dict[str, Any]) -> None:
         rid = _field(frame, "id", int)
-        if "msg" not in frame:
-            raise CodecError("invalid req frame at msg: missing required field", "msg")
+        wire = frame.get("msg")
+        if wire.__class__ is not dict:
+            raise CodecError("invalid req frame at msg: expected a message map", "msg")
+        # Decode the message already in this client's namespace on the device (one decode,
+        # no copy of the message): its correlation id and host buffer get the client's prefix.
+        wire = dict(wire)
+        cid = wire.get("correlation_id")
+        if cid.__class__ is str:
+            wire["correlation_id"] = conn.tag + cid
+        buf = wire.get("host_buffer")
+        if buf.__class__ is str and wire.get("msg_type") in ("memory_write", "memory_read"):
+            wire["host_buffer"] = conn.tag + buf
         try:
-            msg = from_wire(frame["msg"])
+            local = from_wire(wire)
         except CodecError as exc:
             path = f"msg.{exc.path}" if exc.path else "msg"
-            raise CodecError(f"invalid req frame at {path}: {exc}", path) from None
-        if not isinstance(msg, REQUESTS):
+            raise CodecError(f"invalid req frame at {path}: {_untag(str(exc), conn.tag)}", path) from None
+        if not isinstance(local, REQUESTS):
             raise CodecError(
-                f"invalid req frame at msg.msg_type: {msg.msg_type!r} is not a host request "
+                f"invalid req frame at msg.msg_type: {local.msg_type!r} is not a host request "
                 f"(expected one of {', '.join(t.__name__ for t in REQUESTS)})",
                 "msg.msg_type",
             )
@@ -394,26 +415,25 @@ class DeviceServer:
             raise CodecError(f"invalid req frame at id: request {rid} is already in flight", "id")
         if len(conn.pending) >= self.max_inflight:
             limit = f"too many requests in flight on this connection (limit {self.max_inflight})"
-            self._reply(conn, rid, (), ok=False, raised="RemoteError", error=limit)
-            conn.unacked += 1
-            self.sim.hold()
+            self._reply(conn, rid, [], ok=False, raised="RemoteError", error=limit)
+            self._hold_for(conn)
             return
-        seen = frame.get("seen", 0)
         rec_i = -1
         if self.recorder is not None:
+            seen = frame.get("seen", 0)
             if isinstance(seen, int) and not isinstance(seen, bool):
                 for j in conn.resp_order[conn.seen : seen]:
                     self.recorder.on_seen(conn.n, j)
                 conn.seen = max(conn.seen, min(seen, len(conn.resp_order)))
+            msg = _client_form(local, conn.tag)
             data = write_bytes(msg, conn.buffers.get(msg.host_buffer or "") if type(msg) is MemoryWriteMsg else None)
             rec_i = self.recorder.on_request(conn.n, msg, data, self.sim.now)
-        local = _namespaced(msg, conn.tag)
         self.stats.requests += 1
         conn.pending[rid] = self.sim.spawn(
-            self._serve(conn, rid, msg, local, rec_i), name=f"remote client {conn.n} request {rid}"
+            self._serve(conn, rid, local, rec_i), name=f"remote client {conn.n} request {rid}"
         )
 
-    async def _serve(self, conn: _Conn, rid: int, msg: HostMessage, local: HostMessage, rec_i: int) -> None:
+    async def _serve(self, conn: _Conn, rid: int, local: HostMessage, rec_i: int) -> None:
         """One client request, as a simulated task: run it, then answer at the time it completed."""
         raised: str | None = None
         error: str | None = None
@@ -428,40 +448,51 @@ class DeviceServer:
             raised, error = "RemoteError", f"{type(exc).__name__}: {exc}"
         finally:
             conn.pending.pop(rid, None)
-        cid = msg.correlation_id
+        tag = conn.tag
         local_cid = local.correlation_id
-        responses = tuple(
-            attrs.evolve(r, correlation_id=cid, error=_untag(r.error, conn.tag)) if r.correlation_id == local_cid else r
-            for r in responses
-        )
-        error = _untag(error, conn.tag)
+        cid = local_cid[len(tag) :]
+        wires = []
+        for r in responses:
+            w = to_wire(r)
+            if r.correlation_id == local_cid:
+                w["correlation_id"] = cid
+                if r.error is not None:
+                    w["error"] = r.error.replace(tag, "")
+            wires.append(w)
+        error = _untag(error, tag)
         data = None
-        rng = read_range(msg) if raised is None else None
-        if rng is not None and rng[0] in conn.buffers:
-            name, off, n = rng
+        rng = read_range(local) if raised is None else None
+        name = rng[0][len(tag) :] if rng is not None else ""
+        if rng is not None and name in conn.buffers:
+            _, off, n = rng
             data = conn.buffers[name][off : off + n]
         if self.recorder is not None:
             self.recorder.on_response(
-                rec_i, self.sim.now, responses, ok=raised is None, error=error, raised=raised,
-                data=None if data is None else data.tobytes(),
+                rec_i, self.sim.now, tuple(from_wire(w) for w in wires), ok=raised is None, error=error,  # type: ignore[misc]
+                raised=raised, data=None if data is None else data.tobytes(),
             )  # fmt: skip
             conn.resp_order.append(rec_i)
         if conn.open:
             if data is not None and rng is not None:
                 for start in range(0, len(data), CHUNK_BYTES):
                     chunk = data[start : start + CHUNK_BYTES].tobytes()
-                    conn.send({"t": "data", "name": rng[0], "offset": rng[1] + start, "data": chunk})
-            self._reply(conn, rid, responses, ok=raised is None, raised=raised, error=error)
-            conn.unacked += 1
-            self.sim.hold()
+                    conn.send({"t": "data", "name": name, "offset": rng[1] + start, "data": chunk})
+            self._reply(conn, rid, wires, ok=raised is None, raised=raised, error=error)
+            self._hold_for(conn)
         elif not conn.pending:
             self._cleanup(conn)
+
+    def _hold_for(self, conn: _Conn) -> None:
+        """Keep virtual time still until ``conn`` acks what was just sent (unless it runs free)."""
+        if conn.lockstep:
+            conn.unacked += 1
+            self.sim.hold()
 
     def _reply(
         self,
         conn: _Conn,
         rid: int,
-        responses: tuple[ResponseMsg, ...],
+        responses: list[dict[str, Any]],
         *,
         ok: bool,
         raised: str | None,
@@ -475,7 +506,7 @@ class DeviceServer:
                 "ok": ok,
                 "raised": raised,
                 "error": error,
-                "responses": [to_wire(r) for r in responses],
+                "responses": responses,
             }
         )
 
@@ -487,12 +518,13 @@ def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Any:
     return None  # none asked for: msgpack
 
 
-def _namespaced(msg: HostMessage, tag: str) -> HostMessage:
-    """``msg`` with its correlation id (and host buffer) in the client's namespace on the device."""
+def _client_form(msg: HostMessage, tag: str) -> HostMessage:
+    """``msg`` as its client sent it: without the client's prefix on the correlation id and host buffer."""
+    n = len(tag)
     if type(msg) is MemoryWriteMsg or type(msg) is MemoryReadMsg:
-        buf = None if msg.host_buffer is None else tag + msg.host_buffer
-        return attrs.evolve(msg, correlation_id=tag + msg.correlation_id, host_buffer=buf)
-    return attrs.evolve(msg, correlation_id=tag + msg.correlation_id)
+        buf = None if msg.host_buffer is None else msg.host_buffer[n:]
+        return attrs.evolve(msg, correlation_id=msg.correlation_id[n:], host_buffer=buf)
+    return attrs.evolve(msg, correlation_id=msg.correlation_id[n:])
 
 
 def _untag(text: str | None, tag: str) -> str | None:
