@@ -34,13 +34,13 @@ async def record(path: Path) -> None:
         rows = await workload(torch)
     if not all(ok for _, ok, _ in rows):
         sys.exit("the demo workload did not match numpy")
-    print(f"recorded the demo on 'tiny': {path.stat().st_size:,} bytes")
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "demo.kbrec"
         kbus.run(lambda: record(path))
+        print(f"recorded the demo on 'tiny': {path.stat().st_size:,} bytes")
         console = Console(highlight=False, width=120)
 
         same = kbus.replay(path)
