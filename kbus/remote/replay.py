@@ -181,6 +181,8 @@ class _Run:
         self.outcome: dict[int, tuple[bool, str | None, list[dict[str, Any]], bytes | None]] = {}
         self.users: dict[str, int] = {}
         self.free_later: set[str] = set()
+        self.inflight: dict[str, set[int]] = {}
+        """Requests issued and not yet answered, per host buffer they use."""
         self.kernels: list[Any] = []
 
     def _name(self, client: int, name: str) -> str:
@@ -225,6 +227,9 @@ class _Run:
             kind = ev["k"]
             if kind == "buf":
                 name = self._name(client, ev["name"])
+                # A name used again: its previous buffer goes once the requests using it are done.
+                for j in list(self.inflight.get(name, ())):
+                    await self.done[j]
                 device.register_host_buffer(name, np.zeros(int(ev["nbytes"]), dtype=np.uint8))
                 self.users[name] = 0
             elif kind == "free":
@@ -254,6 +259,7 @@ class _Run:
                 buf = getattr(msg, "host_buffer", None)
                 if buf in self.users:
                     self.users[buf] += 1  # counted now: a free later in this walk must wait for it
+                    self.inflight.setdefault(buf, set()).add(i)
                 sim.spawn(self._issue(i, msg), name=f"replayed request {i}")
 
     async def _issue(self, i: int, msg: HostMessage) -> None:
@@ -284,6 +290,8 @@ class _Run:
         if error is not None and tag:
             error = error.replace(tag, "")
         self.outcome[i] = (ok, error, wires, data)
+        if buf is not None:
+            self.inflight.get(buf, set()).discard(i)
         if buf in self.users:
             self.users[buf] -= 1
             if self.users[buf] == 0 and buf in self.free_later:

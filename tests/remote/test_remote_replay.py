@@ -98,6 +98,44 @@ def test_remote_client_and_server_recordings_replay_identically(tmp_path: Path) 
     assert a.old_end_ps == b.old_end_ps and a.requests == b.requests
 
 
+def test_a_server_recording_of_two_clients_replays_identically(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kbus.protocol import MemoryReadMsg, MemoryWriteMsg
+
+    path = tmp_path / "two.kbrec"
+
+    async def client(url: str, cube: int) -> None:
+        dev = await kbus.connect_device(url)
+        hbm = dev.config.memory.hbm_base
+        try:
+            for i in range(6):
+                data = np.full(8192, cube * 16 + i, np.uint8)
+                back = np.zeros_like(data)
+                dev.register_host_buffer("d", data)
+                dev.register_host_buffer("r", back)
+                one = dict(target_cubes=(cube,), target_pe=i % 4)
+                write = MemoryWriteMsg("same", f"w{i}", 0, cube, i % 4, hbm, 8192, src_kind="host_buffer_ref",
+                                       host_buffer="d", **one)  # fmt: skip
+                await dev.request(write)
+                await dev.request(MemoryReadMsg("same", f"r{i}", 0, cube, i % 4, hbm, 8192, host_buffer="r", **one))
+                assert (back == data).all()
+                dev.unregister_host_buffer("d")
+                dev.unregister_host_buffer("r")
+        finally:
+            await dev.aclose()
+
+    async def main() -> None:
+        async with serve_device("tiny", record=path) as server:
+            await asyncio.gather(client(server.url, 0), client(server.url, 1))
+
+    kbus.run(main)
+    rec = read_recording(path)
+    assert {r["c"] for r in rec.requests()} == {1, 2}
+    result = replay(path)
+    assert result.requests == 24 and result.identical, result.differences
+
+
 def test_a_cut_off_recording_replays_up_to_its_last_complete_record(tmp_path: Path) -> None:
     path = tmp_path / "run.kbrec"
     _record_demo(path)
