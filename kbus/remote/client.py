@@ -74,7 +74,7 @@ import attrs
 import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidState, InvalidStatus, InvalidURI
 
 from ..errors import CodecError, DeviceError, RemoteError
 from ..hw import Device, DeviceConfig
@@ -85,7 +85,7 @@ from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_w
 from ..sim import Sim
 from ..sim.units import format_time
 from .kernels import blob_kernel, kernel_specs
-from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame
+from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame, send_all
 
 __all__ = ["ClientSim", "RemoteDevice", "connect_device"]
 
@@ -205,7 +205,7 @@ class RemoteDevice(Device):
         self._ack_scheduled = False
         self._quiet = False
         self._polls = 0
-        self._out: deque[bytes | str] = deque()
+        self._out: deque[dict[str, Any]] = deque()
         self._out_ready = asyncio.Event()
         self._closed = False
         self._failure: BaseException | None = None
@@ -328,10 +328,11 @@ class RemoteDevice(Device):
             raise RemoteError(f"the remote device at {self.url} is closed")
 
     def _send(self, frame: dict[str, Any]) -> None:
-        data = encode_frame(frame, self.format)
-        self.bytes_sent += len(data)
-        self._out.append(data)
-        self._out_ready.set()
+        """Queue a frame. While an ack is due, hold the queue: the server's time is held for
+        us anyway, and the ack can then ride on the last request (one message less)."""
+        self._out.append(frame)
+        if not (self._ack_scheduled and self._unacked):
+            self._out_ready.set()
 
     def _ship_kernel(self, msg: MemoryWriteMsg) -> None:
         """Before a kernel's code blob is written, send the kernel itself (see :mod:`kbus.remote.kernels`)."""
@@ -359,16 +360,18 @@ class RemoteDevice(Device):
         ranges.add(offset, end)
 
     async def _write_loop(self) -> None:
-        out, ready, ws = self._out, self._out_ready, self._ws
+        out, ready, ws, fmt = self._out, self._out_ready, self._ws, self.format
         try:
             while True:
                 while out:
-                    await ws.send(out.popleft())
+                    batch = [encode_frame(out.popleft(), fmt) for _ in range(len(out))]
+                    self.bytes_sent += sum(len(m) for m in batch)
+                    await send_all(ws, batch)
                 if self._closed:
                     return
                 ready.clear()
                 await ready.wait()
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, InvalidState) as exc:
             self._lost(exc)
 
     async def _read_loop(self) -> None:
@@ -475,6 +478,7 @@ class RemoteDevice(Device):
         """Ack the responses delivered so far once the local engine has nothing left to do."""
         if self._closed or self._failure is not None:
             self._ack_scheduled = self._quiet = False
+            self._out_ready.set()
             return
         own = 1 if self._calls else 0
         if self.sim.runnable > own:
@@ -496,8 +500,13 @@ class RemoteDevice(Device):
         self._ack_scheduled = False
         self._quiet = False
         if self._unacked:
-            self._send({"t": "ack", "n": self._unacked})
+            out = self._out
+            if out and out[-1]["t"] == "req":
+                out[-1]["ack"] = self._unacked  # processed after the request, as a separate ack would be
+            else:
+                out.append({"t": "ack", "n": self._unacked})
             self._unacked = 0
+        self._out_ready.set()
 
 
 async def _served_builtin(*_: Any) -> NoReturn:  # pragma: no cover - never called

@@ -67,7 +67,7 @@ import attrs
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidState
 from websockets.http11 import Request, Response
 
 from ..errors import CodecError, DeviceError
@@ -77,7 +77,7 @@ from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, 
 from ..sim import Sim
 from .kernels import install_kernels
 from .record import Recorder, read_range, write_bytes
-from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, WireFormat, decode_frame, encode_frame
+from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, WireFormat, decode_frame, encode_frame, send_all
 from .wire import field as _field
 
 __all__ = ["DeviceServer", "serve_device"]
@@ -114,6 +114,7 @@ class _Conn:
         self.resp_order: list[int] = []
         self.seen = 0
         self.out: deque[bytes | str] = deque()
+        """Encoded frames not sent yet (sent in order by :meth:`write_loop`, small ones coalesced)."""
         self.ready = asyncio.Event()
         self.peer = ws.remote_address
 
@@ -123,10 +124,10 @@ class _Conn:
 
     async def write_loop(self) -> None:
         out, ready = self.out, self.ready
-        with contextlib.suppress(ConnectionClosed):
+        with contextlib.suppress(ConnectionClosed, InvalidState):
             while True:
                 while out:
-                    await self.ws.send(out.popleft())
+                    await send_all(self.ws, [out.popleft() for _ in range(len(out))])
                 ready.clear()
                 await ready.wait()
 
@@ -314,14 +315,13 @@ class DeviceServer:
     def _on_frame(self, conn: _Conn, frame: dict[str, Any]) -> None:
         kind = _field(frame, "t", str)
         if kind == "req":
-            self._on_request(conn, frame)
+            try:
+                self._on_request(conn, frame)
+            finally:
+                if "ack" in frame:  # an ack riding on the request: applied after it
+                    self._ack(conn, frame, "ack")
         elif kind == "ack":
-            n = _field(frame, "n", int, minimum=1)
-            if n > conn.unacked:
-                raise CodecError(f"invalid ack frame at n: {n} exceeds the {conn.unacked} response(s) unacked", "n")
-            conn.unacked -= n
-            for _ in range(n):
-                self.sim.release()
+            self._ack(conn, frame, "n")
         elif kind == "mode":
             conn.lockstep = _field(frame, "lockstep", bool)
             if not conn.lockstep:
@@ -344,6 +344,15 @@ class DeviceServer:
             self._free(conn, name)
         else:
             raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put, free, kernel or mode)", "t")
+
+    def _ack(self, conn: _Conn, frame: dict[str, Any], key: str) -> None:
+        """The client has finished reacting to ``frame[key]`` more responses: let time move for them."""
+        n = _field(frame, key, int, minimum=1)
+        if n > conn.unacked:
+            raise CodecError(f"invalid {frame['t']} frame at {key}: {n} exceeds the {conn.unacked} unacked", key)
+        conn.unacked -= n
+        for _ in range(n):
+            self.sim.release()
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)

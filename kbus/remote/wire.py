@@ -38,7 +38,12 @@ Client to server:
   (how many ``resp`` frames the client had delivered when it sent this; the
   server's recorder turns it into the request's causal frontier);
 * ``ack``: ``n``: the client has finished reacting to ``n`` more ``resp``
-  frames (see *Virtual time* in :mod:`kbus.remote.server`).
+  frames (see *Virtual time* in :mod:`kbus.remote.server`); the same count
+  may ride on a ``req`` as its ``ack`` field, applied after the request;
+* ``mode``: ``lockstep`` (bool): false lets the device run on while this
+  client reacts (no acks needed);
+* ``kernel``: ``specs``: ``@kbus.kernel`` kernels to register before their
+  code blob is written (see :mod:`kbus.remote.kernels`).
 """
 
 from __future__ import annotations
@@ -77,6 +82,46 @@ CHUNK_BYTES: Final = 4 * 1024 * 1024
 _BYTES_KEY: Final = "data"
 
 T = TypeVar("T")
+
+
+COALESCE_BYTES: Final = 64 * 1024
+"""Messages up to this size queued together go out in one transport write."""
+
+
+async def send_all(ws: Any, messages: list[bytes | str]) -> None:
+    """Send websocket messages in order, small ones coalesced into one transport write.
+
+    Each message is still its own websocket message (one frame each); only the
+    socket writes are batched, through the connection's sans-I/O protocol
+    (``ws.protocol.send_binary`` + ``data_to_send``): a write costs a system call
+    however small it is, and a burst of small frames (a window of requests, the
+    responses due at one instant) is common. Large messages (bulk data) go
+    through ``ws.send``, which applies the connection's backpressure; so does a
+    write buffer grown past a few chunks.
+    """
+    batch: list[bytes | str] = []
+    for data in messages:
+        if len(data) <= COALESCE_BYTES:
+            batch.append(data)
+            continue
+        _write(ws, batch)
+        batch = []
+        await ws.send(data)
+    _write(ws, batch)
+    if ws.transport.get_write_buffer_size() > 4 * CHUNK_BYTES:
+        await ws.drain()
+
+
+def _write(ws: Any, batch: list[bytes | str]) -> None:
+    if not batch:
+        return
+    proto = ws.protocol
+    for data in batch:
+        if isinstance(data, str):
+            proto.send_text(data.encode("utf-8"))
+        else:
+            proto.send_binary(data)
+    ws.transport.write(b"".join(proto.data_to_send()))
 
 
 def format_of(subprotocol: str | None) -> WireFormat:
