@@ -189,6 +189,8 @@ class RemoteDevice(Device):
         self.transform = None
         self.max_size = int(hello.get("max_size", CHUNK_BYTES))
         self.chunk = min(int(hello.get("chunk", CHUNK_BYTES)), CHUNK_BYTES)
+        if fmt == "json":  # base64 text is 4/3 of the bytes: keep a data frame under the server's max_size
+            self.chunk = min(self.chunk, (self.max_size - 64 * 1024) * 3 // 4)
         self.bytes_sent = 0
         """Payload bytes sent to the server (frames as encoded), for measuring overhead."""
         self.bytes_received = 0

@@ -318,8 +318,11 @@ class DeviceServer:
             try:
                 self._on_request(conn, frame)
             finally:
-                if "ack" in frame:  # an ack riding on the request: applied after it
-                    self._ack(conn, frame, "ack")
+                if "ack" in frame:  # an ack riding on the request: applied after it, whatever became of it
+                    try:
+                        self._ack(conn, frame, "ack")
+                    except CodecError as exc:
+                        conn.send({"t": "error", "id": None, "error": str(exc), "path": exc.path})
         elif kind == "ack":
             self._ack(conn, frame, "n")
         elif kind == "mode":

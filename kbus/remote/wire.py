@@ -16,6 +16,11 @@ bytes.
 
 Frames
 ------
+A client that is not :class:`~kbus.remote.RemoteDevice` must either ack the
+``hello`` and every ``resp`` once it has reacted (the server holds the
+device's virtual time until it does, for every client), or send ``mode``
+with ``lockstep: false`` first.
+
 Server to client:
 
 * ``hello``: ``protocol`` (version), ``kbus`` (package version), ``config``

@@ -93,6 +93,30 @@ def test_json_frames_carry_the_same_messages_and_bytes() -> None:
     assert [t - text[0][0] for t, _ in text] == [t - packed[0][0] for t, _ in packed]
 
 
+def test_json_frames_split_bulk_bytes_under_the_frame_limit() -> None:
+    async def main() -> None:
+        async with serve_device("tiny") as server:
+            dev = await connect_device(server.url, format="json")
+            try:
+                hbm = dev.config.memory.hbm_base
+                n = 6 << 20
+                assert n > server.max_size
+                data = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
+                back = np.zeros_like(data)
+                dev.register_host_buffer("big", data)
+                dev.register_host_buffer("back", back)
+                one = dict(target_cubes=(0,), target_pe=1)
+                await dev.request(
+                    MemoryWriteMsg("j", "w", 0, 0, 1, hbm, n, src_kind="host_buffer_ref", host_buffer="big", **one)
+                )
+                await dev.request(MemoryReadMsg("j", "r", 0, 0, 1, hbm, n, host_buffer="back", **one))
+                np.testing.assert_array_equal(back, data)
+            finally:
+                await dev.aclose()
+
+    kbus.run(main)
+
+
 def test_kbus_connect_runs_open_device_remotely_and_checks_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         async with serve_device("tiny") as server:
