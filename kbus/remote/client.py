@@ -65,9 +65,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import types
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn
 
 import attrs
@@ -82,7 +83,7 @@ from ..hw.blocks import REQUESTS, as_bytes
 from ..hw.device import PeNode
 from ..lang.kernel import MAX_BLOB, KernelId
 from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_wire
-from ..sim import Sim
+from ..sim import Sim, TimerHandle
 from ..sim.units import format_time
 from .kernels import blob_kernel, kernel_specs
 from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame, send_all
@@ -94,8 +95,9 @@ class ClientSim(Sim):
     """The local engine of a remote device: host-side tasks only, on the device's clock.
 
     ``now`` is the device's virtual time as of the last frame from the
-    server; the engine's own timers (none, for the runtime) keep their own
-    count and never move it.
+    server. Timers in device time (``sleep``, ``call_at``, hence
+    ``kbus.fail_after``) would need the server's clock: they raise
+    ``NotImplementedError``.
     """
 
     def __init__(self, name: str = "sim") -> None:
@@ -105,6 +107,21 @@ class ClientSim(Sim):
     @property
     def now(self) -> int:
         return self.device_now
+
+    def call_at(self, when: int, fn: Callable[..., object], *args: Any) -> TimerHandle:
+        raise NotImplementedError(self._no_timers(f"call_at({when})"))
+
+    @types.coroutine
+    def sleep(self, delay: int) -> Generator[Any, Any, None]:
+        raise NotImplementedError(self._no_timers(f"sleep({delay})"))
+        yield  # type: ignore[unreachable]  # a generator, like Sim.sleep: the error comes when awaited
+
+    def _no_timers(self, what: str) -> str:
+        return (
+            f"{self.name}: {what}: timers in device time (sim.sleep, sim.call_at, kbus.fail_after, "
+            "kbus.move_on_after) need the device in this process; on a remote device its clock runs in the "
+            "server and is only seen in responses"
+        )
 
 
 @attrs.define(slots=True)

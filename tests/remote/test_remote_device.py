@@ -190,3 +190,17 @@ def test_a_large_transfer_crosses_in_raw_bytes() -> None:
     moved, nbytes, max_size = kbus.run(main)
     assert moved <= 2.2 * nbytes, f"{moved} socket bytes for {nbytes} uploaded and read back"
     assert max_size < nbytes  # it travelled in chunks under the frame limit
+
+
+def test_deadlines_in_device_time_say_they_need_the_device_in_process() -> None:
+    async def main() -> None:
+        async with serve_device("tiny") as server, kbus.open_device(server.url) as torch:
+            with (
+                pytest.raises(NotImplementedError, match=r"kbus\.fail_after.*need the device in this process"),
+                kbus.fail_after(torch, "1us"),
+            ):
+                pass
+            with pytest.raises(NotImplementedError, match=r"sleep\(5\)"):
+                await torch.sim.sleep(5)
+
+    kbus.run(main)
