@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-size", type=_count(1024), default=DEFAULT_MAX_SIZE, help="largest frame a client may send, in bytes"
     )
-    p.add_argument("--max-inflight", type=_count(1), default=4096, help="most requests in flight per connection")
+    p.add_argument("--max-inflight", type=_count(1), default=65536, help="most requests in flight per connection")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("replay", help="replay a .kbrec recording; compare with it on another config")

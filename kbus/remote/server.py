@@ -166,7 +166,6 @@ class DeviceServer:
         self.port = 0
         self._ids = itertools.count(1)
         self._conns: dict[_Conn, None] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._ws_server: Server | None = None
         self._closed = False
         self._kernels: list[Any] = []
@@ -232,8 +231,6 @@ class DeviceServer:
                     conn.transport.abort()
         for client in list(self._conns):
             self._disconnect(client)
-        for task in list(self._tasks):
-            task.cancel()
         await self.device.aclose()
         if self.recorder is not None:
             self.recorder.close()
@@ -585,7 +582,7 @@ def serve_device(
     token: str | None = None,
     record: str | os.PathLike[str] | None = None,
     max_size: int = DEFAULT_MAX_SIZE,
-    max_inflight: int = 4096,
+    max_inflight: int = 65536,
     max_host_bytes: int = 8 * 1024**3,
     wire: bool | None = None,
 ) -> _Serving:
@@ -597,7 +594,8 @@ def serve_device(
     client (needed to bind anything but loopback); ``record`` writes every
     client's messages to a ``.kbrec`` recording; ``max_size`` bounds a frame
     from a client, ``max_inflight`` the requests one connection may have
-    outstanding, ``max_host_bytes`` the host buffers it may register.
+    outstanding (the runtime sends a message per shard at once: 4096 on
+    ``large``), ``max_host_bytes`` the host buffers it may register.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"serve_device: port must be an int in 0..65535 (0 picks a free port), got {port!r}")
