@@ -205,9 +205,10 @@ class RemoteDevice(Device):
         self.wire = False
         self.transform = None
         self.max_size = int(hello.get("max_size", CHUNK_BYTES))
-        self.chunk = min(int(hello.get("chunk", CHUNK_BYTES)), CHUNK_BYTES)
-        if fmt == "json":  # base64 text is 4/3 of the bytes: keep a data frame under the server's max_size
-            self.chunk = min(self.chunk, (self.max_size - 64 * 1024) * 3 // 4)
+        # A data frame must fit the server's max_size with its header (1 KiB is plenty);
+        # base64 text (JSON) is 4/3 of the bytes.
+        room = self.max_size - 1024 if fmt == "msgpack" else (self.max_size - 1024) * 3 // 4
+        self.chunk = max(256, min(int(hello.get("chunk", CHUNK_BYTES)), CHUNK_BYTES, room))
         self.bytes_sent = 0
         """Payload bytes sent to the server (frames as encoded), for measuring overhead."""
         self.bytes_received = 0
@@ -242,9 +243,9 @@ class RemoteDevice(Device):
 
     def __getattr__(self, name: str) -> NoReturn:
         # Only reached for attributes Device.__init__ would have set (blocks, links, pes...).
+        where = self.__dict__.get("url", "another process")
         raise AttributeError(
-            f"{name!r} is not available on a remote device: the hardware of {self.config.name!r} lives in the "
-            f"server process at {self.url}"
+            f"{name!r} is not available on a remote device: the device's hardware lives in the server at {where}"
         )
 
     def __repr__(self) -> str:

@@ -233,3 +233,13 @@ def test_a_killed_client_leaves_nothing_behind_and_others_carry_on(tmp_path: Pat
             assert server.sim.runnable == 0  # no hold left behind by the dead client
 
     kbus.run(main)
+
+
+def test_clients_cut_bulk_bytes_to_the_servers_frame_limit() -> None:
+    async def main() -> None:
+        async with serve_device("tiny", max_size=64 * 1024) as server, kbus.open_device(server.url) as torch:
+            a = np.random.default_rng(5).standard_normal(1 << 18).astype(np.float32)  # 1 MiB
+            np.testing.assert_array_equal(await torch.tensor(a).numpy(), a)
+            assert server.stats.rejected_frames == 0
+
+    kbus.run(main)
