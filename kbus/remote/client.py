@@ -69,7 +69,7 @@ import types
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import attrs
 import numpy as np
@@ -89,6 +89,10 @@ from .kernels import blob_kernel, kernel_specs
 from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame, send_all
 
 __all__ = ["ClientSim", "RemoteDevice", "connect_device"]
+
+
+_FAST_POLLS: Final = 64
+"""Loop passes the ack check spins for before it polls on a timer (and stops holding frames back)."""
 
 
 class ClientSim(Sim):
@@ -351,7 +355,7 @@ class RemoteDevice(Device):
         """Queue a frame. While an ack is due, hold the queue: the server's time is held for
         us anyway, and the ack can then ride on the last request (one message less)."""
         self._out.append(frame)
-        if not (self._ack_scheduled and self._unacked):
+        if not (self._ack_scheduled and self._unacked and self._polls < _FAST_POLLS):
             self._out_ready.set()
 
     def _ship_kernel(self, msg: MemoryWriteMsg) -> None:
@@ -506,9 +510,10 @@ class RemoteDevice(Device):
             self._quiet = False
             self._polls += 1
             loop = asyncio.get_running_loop()
-            if self._polls < 64:
+            if self._polls < _FAST_POLLS:
                 loop.call_soon(self._maybe_ack)
-            else:  # a long foreign wait: poll without spinning
+            else:  # a long foreign wait: poll without spinning, and stop holding frames back
+                self._out_ready.set()
                 loop.call_later(0.0005, self._maybe_ack)
             return
         if not self._quiet:
