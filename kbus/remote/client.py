@@ -80,7 +80,7 @@ from websockets.exceptions import ConnectionClosed, InvalidState, InvalidStatus,
 from ..errors import CodecError, DeviceError, RemoteError
 from ..hw import Device, DeviceConfig
 from ..hw.blocks import REQUESTS, as_bytes
-from ..hw.device import PeNode
+from ..hw.device import BlockStats, LinkStats, PeNode
 from ..lang.kernel import MAX_BLOB, KernelId
 from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_wire
 from ..sim import Sim, TimerHandle
@@ -88,7 +88,7 @@ from ..sim.units import format_time
 from .kernels import blob_kernel, kernel_specs
 from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame, send_all
 
-__all__ = ["ClientSim", "RemoteDevice", "connect_device"]
+__all__ = ["ClientSim", "DeviceStats", "RemoteDevice", "connect_device"]
 
 
 _FAST_POLLS: Final = 64
@@ -126,6 +126,16 @@ class ClientSim(Sim):
             "kbus.move_on_after) need the device in this process; on a remote device its clock runs in the "
             "server and is only seen in responses"
         )
+
+
+@attrs.frozen
+class DeviceStats:
+    """A served device's counters, as :meth:`Device.stats`, ``level_stats`` and ``link_stats`` give them."""
+
+    now_ps: int
+    blocks: dict[str, BlockStats]
+    levels: dict[str, dict[str, float]]
+    links: dict[str, LinkStats]
 
 
 @attrs.define(slots=True)
@@ -221,6 +231,7 @@ class RemoteDevice(Device):
         self._ws = ws
         self._ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
+        self._stat_calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._buffers: dict[str, np.ndarray[Any, np.dtype[np.uint8]]] = {}
         self._sent: dict[str, _Ranges] = {}
         self._shipped: set[KernelId] = set()
@@ -325,6 +336,24 @@ class RemoteDevice(Device):
         self._send({"t": "req", "id": rid, "msg": wire, "seen": self._delivered})
         return await sim.park(waiter, _RemoteWait(msg, self.url))  # type: ignore[no-any-return]
 
+    async def fetch_stats(self) -> DeviceStats:
+        """The served device's block, level and link counters now (outside virtual time)."""
+        self._check_open()
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._stat_calls[rid] = fut
+        self._send({"t": "stats", "id": rid})
+        self._out_ready.set()
+        try:
+            frame = await fut
+        finally:
+            self._stat_calls.pop(rid, None)
+        blocks = [BlockStats(*row) for row in frame["blocks"]]
+        links = [LinkStats(*row) for row in frame["links"]]
+        return DeviceStats(
+            int(frame["now_ps"]), {b.path: b for b in blocks}, frame["levels"], {k.name: k for k in links}
+        )
+
     async def aclose(self) -> None:
         """Close the connection (the server frees this client's buffers) and stop local tasks."""
         if not self._closed:
@@ -420,6 +449,9 @@ class RemoteDevice(Device):
         self._fail_pending(RemoteError(f"lost the connection to {self.url}: {exc}"))
 
     def _fail_pending(self, exc: BaseException) -> None:
+        for fut in self._stat_calls.values():
+            if not fut.done():
+                fut.set_exception(exc)
         pending, self._calls = self._calls, {}
         for call in pending.values():
             self.sim.wake_error(call.waiter, exc)
@@ -432,6 +464,10 @@ class RemoteDevice(Device):
             self._on_data(frame)
         elif kind == "resp":
             self._on_response(frame)
+        elif kind == "stats":
+            fut = self._stat_calls.get(frame.get("id"))  # type: ignore[arg-type]
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
         elif kind == "error":
             self._on_error(frame)
         else:

@@ -322,6 +322,19 @@ class DeviceServer:
                         conn.send({"t": "error", "id": None, "error": str(exc), "path": exc.path})
         elif kind == "ack":
             self._ack(conn, frame, "n")
+        elif kind == "stats":
+            rid = _field(frame, "id", int)
+            dev = self.device
+            conn.send(
+                {
+                    "t": "stats",
+                    "id": rid,
+                    "now_ps": self.sim.now,
+                    "blocks": [list(attrs.astuple(s)) for s in dev.stats().values()],
+                    "links": [list(attrs.astuple(s)) for s in dev.link_stats().values()],
+                    "levels": dev.level_stats(),
+                }
+            )
         elif kind == "mode":
             conn.lockstep = _field(frame, "lockstep", bool)
             if not conn.lockstep:
@@ -343,7 +356,9 @@ class DeviceServer:
                 raise CodecError(f"invalid free frame at name: host buffer {name!r} is not registered", "name")
             self._free(conn, name)
         else:
-            raise CodecError(f"unknown frame kind {kind!r} (expected req, ack, buf, put, free, kernel or mode)", "t")
+            raise CodecError(
+                f"unknown frame kind {kind!r} (expected req, ack, buf, put, free, kernel, mode or stats)", "t"
+            )
 
     def _ack(self, conn: _Conn, frame: dict[str, Any], key: str) -> None:
         """The client has finished reacting to ``frame[key]`` more responses: let time move for them."""

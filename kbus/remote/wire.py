@@ -32,6 +32,8 @@ Server to client:
 * ``resp``: ``id``, ``now_ps`` (device time of completion), ``ok``, ``error``,
   ``raised`` (the exception type a local device would have raised) and
   ``responses`` (the ``ResponseMsg`` wire dicts);
+* ``stats``: ``id``, ``now_ps``, ``blocks``, ``links`` (rows of the fields of
+  ``BlockStats`` / ``LinkStats``), ``levels``: the answer to a ``stats`` frame;
 * ``error``: ``id`` (or null), ``error``, ``path`` (the frame field at fault).
 
 Client to server:
@@ -45,6 +47,8 @@ Client to server:
 * ``ack``: ``n``: the client has finished reacting to ``n`` more ``resp``
   frames (see *Virtual time* in :mod:`kbus.remote.server`); the same count
   may ride on a ``req`` as its ``ack`` field, applied after the request;
+* ``stats``: ``id``: ask for the device's counters now (answered at once,
+  outside virtual time);
 * ``mode``: ``lockstep`` (bool): false lets the device run on while this
   client reacts (no acks needed);
 * ``kernel``: ``specs``: ``@kbus.kernel`` kernels to register before their

@@ -44,6 +44,11 @@ def test_messages_take_the_same_virtual_time_remote_as_in_process() -> None:
             dev = await connect_device(server.url)
             assert isinstance(dev, RemoteDevice) and dev.config == local.config
             there = await _messages(dev)
+            served = await dev.fetch_stats()
+            assert served.now_ps == dev.now_ps == server.sim.now
+            assert served.blocks["sip0.cube1.pe3.dma"].msgs_in > 0
+            assert served.levels.keys() == local.level_stats().keys()
+            assert served.links.keys() == local.link_stats().keys()
             await dev.aclose()
         return here, there
 

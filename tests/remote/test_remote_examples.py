@@ -90,5 +90,6 @@ def test_demo_runs_against_a_served_device(servers: dict[str, str], tmp_path: Pa
     proc = _run([sys.executable, "-m", "kbus", "demo", "--connect", servers["tiny"], "--record", str(rec)], env)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     assert "all results match numpy" in proc.stdout and servers["tiny"] in proc.stdout
+    assert "block messages" in proc.stdout and "busiest links" in proc.stdout  # the served device's counters
     replayed = _run([sys.executable, "-m", "kbus", "replay", str(rec)], env)
     assert replayed.returncode == 0 and "identical" in replayed.stdout, replayed.stdout + replayed.stderr
