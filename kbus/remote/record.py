@@ -289,7 +289,7 @@ def read_recording(path: str | os.PathLike[str]) -> Recording:
     if offset < size:
         stopped = (
             f"{path} is cut off: {size - offset} trailing byte(s) after record {len(records)} "
-            f"(byte {offset} of {size}) do not form a complete record; replaying the {len(records)} record(s) before"
+            f"(byte {offset} of {size}) do not form a complete record; read the {len(records)} record(s) before them"
         )
     return Recording(path, header["format"], header["config"], header.get("source", "?"), tuple(records), stopped)
 
