@@ -52,10 +52,17 @@ _MAX_DIFFERENCES = 10
 
 @attrs.frozen
 class ReplayRow:
-    """Latencies of one request kind (``msg_type``), in the recording (old) and the replay (new), in ps."""
+    """Latencies of one request kind (``msg_type``), in the recording (old) and the replay (new), in ps.
+
+    Totals and percentiles cover the requests that succeeded; failures are counted apart.
+    """
 
     kind: str
     count: int
+    old_failed: int
+    """Requests of this kind that failed in the recording (not in the latencies)."""
+    new_failed: int
+    """Requests of this kind that failed in the replay (not in the latencies)."""
     old_total_ps: int
     new_total_ps: int
     old_p50_ps: int
@@ -97,7 +104,8 @@ class ReplayResult:
             w.writerow([f.name for f in attrs.fields(ReplayRow)])
             for r in self.rows:
                 w.writerow(attrs.astuple(r))
-            w.writerow(["end-to-end", self.requests, self.old_end_ps, self.new_end_ps, "", "", "", ""])
+            failed = (sum(r.old_failed for r in self.rows), sum(r.new_failed for r in self.rows))
+            w.writerow(["end-to-end", self.requests, *failed, self.old_end_ps, self.new_end_ps, "", "", "", ""])
 
 
 def _pct(values: list[int], q: float) -> int:
@@ -300,16 +308,28 @@ class _Run:
 
     def result(self, old_cfg: DeviceConfig, cfg: DeviceConfig, wall_s: float) -> ReplayResult:
         diffs: list[str] = []
+        # Latencies of the requests that succeeded; failures are counted apart (a failure's
+        # latency says nothing about the config: a coordinate the new device lacks fails at once).
         old_lat: dict[str, list[int]] = {}
         new_lat: dict[str, list[int]] = {}
+        count: dict[str, int] = {}
+        old_failed: dict[str, int] = {}
+        new_failed: dict[str, int] = {}
         for i, req in self.reqs.items():
             kind = req["msg"].get("msg_type", "?")
+            count[kind] = count.get(kind, 0) + 1
             resp = self.resps.get(i)
-            if i in self.new_done:
-                new_lat.setdefault(kind, []).append(self.new_done[i] - self.new_send[i])
+            if i in self.outcome:
+                if self.outcome[i][0]:
+                    new_lat.setdefault(kind, []).append(self.new_done[i] - self.new_send[i])
+                else:
+                    new_failed[kind] = new_failed.get(kind, 0) + 1
             if resp is None:
                 continue  # cut off before its response: nothing to compare
-            old_lat.setdefault(kind, []).append(int(resp["t"]) - int(req["t"]))
+            if resp["ok"]:
+                old_lat.setdefault(kind, []).append(int(resp["t"]) - int(req["t"]))
+            else:
+                old_failed[kind] = old_failed.get(kind, 0) + 1
             if len(diffs) >= _MAX_DIFFERENCES:
                 continue
             what = f"request {i} ({kind} {req['msg'].get('request_id')!r})"
@@ -327,11 +347,12 @@ class _Run:
                 diffs.append(f"{what}: responses differ from the recording")
             elif data != resp["data"]:
                 diffs.append(f"{what}: the bytes read back differ from the recording")
-        kinds = sorted(set(old_lat) | set(new_lat))
         rows = tuple(
             ReplayRow(
                 k,
-                len(new_lat.get(k, old_lat.get(k, []))),
+                count[k],
+                old_failed.get(k, 0),
+                new_failed.get(k, 0),
                 sum(old_lat.get(k, [])),
                 sum(new_lat.get(k, [])),
                 _pct(old_lat.get(k, []), 50),
@@ -339,7 +360,7 @@ class _Run:
                 _pct(old_lat.get(k, []), 99),
                 _pct(new_lat.get(k, []), 99),
             )
-            for k in kinds
+            for k in sorted(count)
         )
         old_end = max((int(r["t"]) for r in self.resps.values()), default=0)
         new_end = max(self.new_done.values(), default=0)
@@ -384,12 +405,25 @@ def print_replay(result: ReplayResult, console: Console | None = None) -> None:
         for d in result.differences:
             console.print(f"  {d}")
     table = Table(title=f"{result.old_config!r} (old) vs {result.new_config!r} (new), virtual time")
-    for col in ("request", "count", "total old", "total new", "p50 old", "p50 new", "p99 old", "p99 new", "new/old"):
+    cols = (
+        "request",
+        "count",
+        "failed",
+        "total old",
+        "total new",
+        "p50 old",
+        "p50 new",
+        "p99 old",
+        "p99 new",
+        "new/old",
+    )
+    for col in cols:
         table.add_column(col, justify="left" if col == "request" else "right")
     for r in result.rows:
         table.add_row(
             r.kind,
             str(r.count),
+            f"{r.old_failed} -> {r.new_failed}" if r.old_failed or r.new_failed else "",
             format_time(r.old_total_ps),
             format_time(r.new_total_ps),
             format_time(r.old_p50_ps),
@@ -399,7 +433,7 @@ def print_replay(result: ReplayResult, console: Console | None = None) -> None:
             _ratio(r.old_total_ps, r.new_total_ps),
         )
     table.add_row(
-        "end-to-end", str(result.requests), format_time(result.old_end_ps), format_time(result.new_end_ps),
+        "end-to-end", str(result.requests), "", format_time(result.old_end_ps), format_time(result.new_end_ps),
         "", "", "", "", _ratio(result.old_end_ps, result.new_end_ps), style="bold",
     )  # fmt: skip
     console.print(table)

@@ -68,14 +68,17 @@ def test_on_another_config_replay_compares_per_request_kind(tmp_path: Path) -> N
     assert {"memory_write", "memory_read", "mmu_map", "kernel_launch"} <= kinds
     for row in result.rows:
         assert row.count > 0 and row.old_total_ps > 0 and row.new_total_ps > 0
+        assert row.old_failed == 0  # (a broadcast unmap can fail on PEs 'tiny' lacks: never mapped there)
         assert row.old_p50_ps <= row.old_p99_ps and row.new_p50_ps <= row.new_p99_ps
     assert result.new_end_ps != result.old_end_ps
     csv_path = tmp_path / "cmp.csv"
     result.write_csv(csv_path)
     with open(csv_path, newline="") as f:
         table = list(csv.reader(f))
-    assert table[0][:3] == ["kind", "count", "old_total_ps"]
-    assert table[-1][:4] == ["end-to-end", str(result.requests), str(result.old_end_ps), str(result.new_end_ps)]
+    assert table[0][:5] == ["kind", "count", "old_failed", "new_failed", "old_total_ps"]
+    failed = str(sum(r.new_failed for r in result.rows))
+    end = ["end-to-end", str(result.requests), "0", failed, str(result.old_end_ps), str(result.new_end_ps)]
+    assert table[-1][:6] == end
 
 
 def test_remote_client_and_server_recordings_replay_identically(tmp_path: Path) -> None:
@@ -261,3 +264,19 @@ def test_a_kernel_using_a_global_that_cannot_travel_is_refused_by_name() -> None
                 await scaled[(1,)](x, 16, BLOCK=16)
 
     kbus.run(main)
+
+
+def test_on_a_smaller_config_failures_are_counted_apart(tmp_path: Path) -> None:
+    path = tmp_path / "default.kbrec"
+
+    async def main() -> None:
+        async with kbus.open_device("default", record=path) as torch:
+            await workload(torch)
+
+    kbus.run(main)
+    result = replay(path, "tiny")  # 64 PEs recorded, 8 here: requests to the others fail at the host port
+    assert not result.identical and result.requests > 0
+    failed = {r.kind: r.new_failed for r in result.rows}
+    assert failed["memory_write"] > 0 and all(r.old_failed == 0 for r in result.rows)
+    for r in result.rows:
+        assert r.new_failed <= r.count
