@@ -134,6 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             record=args.record,
             max_size=args.max_size,
             max_inflight=args.max_inflight,
+            accept_kernels=not args.no_kernels,
         )
         try:
             cfg = server.device.config
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-size", type=_count(1024), default=DEFAULT_MAX_SIZE, help="largest frame a client may send, in bytes"
     )
     p.add_argument("--max-inflight", type=_count(1), default=65536, help="most requests in flight per connection")
+    p.add_argument(
+        "--no-kernels", action="store_true", help="refuse @kbus.kernel code from clients (builtin kernels still run)"
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("replay", help="replay a .kbrec recording; compare with it on another config")

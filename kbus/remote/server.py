@@ -153,8 +153,11 @@ class DeviceServer:
         max_inflight: int,
         max_host_bytes: int,
         recorder: Recorder | None,
+        accept_kernels: bool = True,
     ) -> None:
         self.device = device
+        self.accept_kernels = accept_kernels
+        """Whether clients may send ``@kbus.kernel`` source to compile and run here."""
         self.sim: Sim = device.sim
         self.token = token
         self.max_size = max_size
@@ -342,6 +345,10 @@ class DeviceServer:
                     self.sim.release()
                 conn.unacked = 0
         elif kind == "kernel":
+            if not self.accept_kernels:
+                raise CodecError(
+                    "invalid kernel frame: this server does not accept kernel code (started with --no-kernels)", "t"
+                )
             specs = frame.get("specs")
             install_kernels(specs, self._kernels)
             if self.recorder is not None:
@@ -600,6 +607,7 @@ def serve_device(
     max_inflight: int = 65536,
     max_host_bytes: int = 8 * 1024**3,
     wire: bool | None = None,
+    accept_kernels: bool = True,
 ) -> _Serving:
     """Serve a new device built from ``config`` on ``ws://host:port``.
 
@@ -611,6 +619,8 @@ def serve_device(
     from a client, ``max_inflight`` the requests one connection may have
     outstanding (the runtime sends a message per shard at once: 4096 on
     ``large``), ``max_host_bytes`` the host buffers it may register.
+    ``accept_kernels=False`` refuses ``@kbus.kernel`` source from clients
+    (builtin kernels still run): the server then executes no client code.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"serve_device: port must be an int in 0..65535 (0 picks a free port), got {port!r}")
@@ -635,6 +645,7 @@ def serve_device(
             max_inflight=max_inflight,
             max_host_bytes=max_host_bytes,
             recorder=recorder,
+            accept_kernels=accept_kernels,
         )
         try:
             await server.start(host, port)

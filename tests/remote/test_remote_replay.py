@@ -280,3 +280,31 @@ def test_on_a_smaller_config_failures_are_counted_apart(tmp_path: Path) -> None:
     assert failed["memory_write"] > 0 and all(r.old_failed == 0 for r in result.rows)
     for r in result.rows:
         assert r.new_failed <= r.count
+
+
+def test_a_server_can_refuse_kernel_code(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    script = tmp_path / "axpy.py"
+    script.write_text(_KERNEL_SCRIPT)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("KBUS_CONNECT", None)
+
+    async def main() -> None:
+        async with serve_device("tiny", accept_kernels=False) as server:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), server.url, str(tmp_path / "r.kbrec"), env=env, stderr=subprocess.PIPE
+            )
+            _, err = await proc.communicate()
+            assert proc.returncode != 0
+            assert b"does not accept kernel code" in err and b"not registered in this process" in err
+            assert server.kernels == ()
+            async with kbus.open_device(server.url) as torch:  # builtin kernels still run
+                x = torch.tensor(np.ones(16, dtype=np.float32))
+                np.testing.assert_array_equal(await (x * 3.0).numpy(), np.full(16, 3, np.float32))
+
+    kbus.run(main)
