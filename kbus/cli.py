@@ -135,6 +135,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_size=args.max_size,
             max_inflight=args.max_inflight,
             accept_kernels=not args.no_kernels,
+            ack_timeout=args.ack_timeout or None,
         )
         try:
             cfg = server.device.config
@@ -207,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-size", type=_count(1024), default=DEFAULT_MAX_SIZE, help="largest frame a client may send, in bytes"
     )
     p.add_argument("--max-inflight", type=_count(1), default=65536, help="most requests in flight per connection")
+    p.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wall seconds a client may take to ack a response before it loses lockstep (0: no limit)",
+    )
     p.add_argument(
         "--no-kernels", action="store_true", help="refuse @kbus.kernel code from clients (builtin kernels still run)"
     )

@@ -34,7 +34,8 @@ stands still between "the device answered" and "the host reacted", as it
 does in process, and a program takes the same virtual time either way. The
 price: a client that takes wall time to react pauses the device for every
 client (requests still run, at that instant); a client that disconnects
-releases its holds.
+releases its holds, and one that has not acked for ``ack_timeout`` wall
+seconds (30 by default) loses lockstep, with an error frame saying so.
 
 Limits and safety
 -----------------
@@ -111,6 +112,7 @@ class _Conn:
         self.host_bytes = 0
         self.unacked = 0
         self.lockstep = True
+        self.ack_timer: asyncio.TimerHandle | None = None
         self.resp_order: list[int] = []
         self.seen = 0
         self.out: deque[bytes | str] = deque()
@@ -154,8 +156,11 @@ class DeviceServer:
         max_host_bytes: int,
         recorder: Recorder | None,
         accept_kernels: bool = True,
+        ack_timeout: float | None = 30.0,
     ) -> None:
         self.device = device
+        self.ack_timeout = ack_timeout
+        """Wall seconds a client may take to ack before it loses lockstep (None: forever)."""
         self.accept_kernels = accept_kernels
         """Whether clients may send ``@kbus.kernel`` source to compile and run here."""
         self.sim: Sim = device.sim
@@ -257,8 +262,7 @@ class DeviceServer:
         self.stats.connections += 1
         writer = asyncio.create_task(conn.write_loop(), name=f"kbus remote writer {conn.n}")
         # A new client is busy until it first acks (its script is setting up): hold time for it.
-        conn.unacked = 1
-        self.sim.hold()
+        self._hold_for(conn)
         conn.send(
             {
                 "t": "hello",
@@ -299,9 +303,7 @@ class DeviceServer:
         if not conn.open:
             return
         conn.open = False
-        for _ in range(conn.unacked):
-            self.sim.release()
-        conn.unacked = 0
+        self._release_all(conn)
         if not conn.pending:
             self._cleanup(conn)
 
@@ -341,9 +343,7 @@ class DeviceServer:
         elif kind == "mode":
             conn.lockstep = _field(frame, "lockstep", bool)
             if not conn.lockstep:
-                for _ in range(conn.unacked):
-                    self.sim.release()
-                conn.unacked = 0
+                self._release_all(conn)
         elif kind == "kernel":
             if not self.accept_kernels:
                 raise CodecError(
@@ -375,6 +375,11 @@ class DeviceServer:
         conn.unacked -= n
         for _ in range(n):
             self.sim.release()
+        if conn.unacked:
+            self._arm_ack_timer(conn)  # progress: the client gets a fresh period for the rest
+        elif conn.ack_timer is not None:
+            conn.ack_timer.cancel()
+            conn.ack_timer = None
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)
@@ -516,8 +521,40 @@ class DeviceServer:
     def _hold_for(self, conn: _Conn) -> None:
         """Keep virtual time still until ``conn`` acks what was just sent (unless it runs free)."""
         if conn.lockstep:
+            if conn.unacked == 0:
+                self._arm_ack_timer(conn)
             conn.unacked += 1
             self.sim.hold()
+
+    def _release_all(self, conn: _Conn) -> None:
+        """Give back every hold taken for ``conn``."""
+        for _ in range(conn.unacked):
+            self.sim.release()
+        conn.unacked = 0
+        if conn.ack_timer is not None:
+            conn.ack_timer.cancel()
+            conn.ack_timer = None
+
+    def _arm_ack_timer(self, conn: _Conn) -> None:
+        if conn.ack_timer is not None:
+            conn.ack_timer.cancel()
+            conn.ack_timer = None
+        if self.ack_timeout is not None:
+            conn.ack_timer = asyncio.get_running_loop().call_later(self.ack_timeout, self._ack_overdue, conn)
+
+    def _ack_overdue(self, conn: _Conn) -> None:
+        """A client that does not ack must not freeze the device for everyone: it loses lockstep."""
+        conn.ack_timer = None
+        if not conn.open or not conn.unacked:
+            return
+        self._release_all(conn)
+        conn.lockstep = False
+        text = (
+            f"no ack within {self.ack_timeout} s: this connection now runs without lockstep "
+            "(the device's time no longer waits for it)"
+        )
+        log.warning("client %s (%s): %s", conn.n, conn.peer, text)
+        conn.send({"t": "error", "id": None, "error": text, "path": "ack"})
 
     def _reply(
         self,
@@ -608,6 +645,7 @@ def serve_device(
     max_host_bytes: int = 8 * 1024**3,
     wire: bool | None = None,
     accept_kernels: bool = True,
+    ack_timeout: float | None = 30.0,
 ) -> _Serving:
     """Serve a new device built from ``config`` on ``ws://host:port``.
 
@@ -621,6 +659,8 @@ def serve_device(
     ``large``), ``max_host_bytes`` the host buffers it may register.
     ``accept_kernels=False`` refuses ``@kbus.kernel`` source from clients
     (builtin kernels still run): the server then executes no client code.
+    ``ack_timeout``: wall seconds a client may take to ack a response before
+    it loses lockstep (so a hung client cannot freeze the device for others).
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"serve_device: port must be an int in 0..65535 (0 picks a free port), got {port!r}")
@@ -646,6 +686,7 @@ def serve_device(
             max_host_bytes=max_host_bytes,
             recorder=recorder,
             accept_kernels=accept_kernels,
+            ack_timeout=ack_timeout,
         )
         try:
             await server.start(host, port)

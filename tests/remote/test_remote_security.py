@@ -243,3 +243,21 @@ def test_clients_cut_bulk_bytes_to_the_servers_frame_limit() -> None:
             assert server.stats.rejected_frames == 0
 
     kbus.run(main)
+
+
+def test_a_client_that_never_acks_cannot_freeze_the_device_for_others() -> None:
+    async def main() -> None:
+        async with serve_device("tiny", ack_timeout=0.3) as server, ws_connect(server.url) as silent:
+            hello = await _frame(silent)  # a raw client that never acks its hello: time is held for it
+            assert hello["t"] == "hello"
+            dev = await connect_device(server.url)
+            try:
+                (resp,) = await asyncio.wait_for(dev.request(PeDmaMsg("c", "p", 0, 0, 1, 0, 4096)), 10)
+                assert resp.value > 0
+            finally:
+                await dev.aclose()
+            err = await _until(silent, "error")
+            assert err["path"] == "ack" and "no ack within 0.3 s" in err["error"]
+            assert server.sim.runnable == 0
+
+    kbus.run(main)
