@@ -137,6 +137,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             accept_kernels=not args.no_kernels,
             ack_timeout=args.ack_timeout or None,
         )
+
+        def on_client(event: str, client: int, peer: str, requests: int) -> None:
+            if event == "connect":
+                console.print(f"client {client} connected from {peer}")
+            else:
+                console.print(f"client {client} ({peer}) left after {requests:,} request(s)")
+
+        server.on_client = on_client
         try:
             cfg = server.device.config
             auth = "bearer token required" if server.token else "no token (loopback only)"

@@ -60,7 +60,7 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -113,6 +113,7 @@ class _Conn:
         self.unacked = 0
         self.lockstep = True
         self.ack_timer: asyncio.TimerHandle | None = None
+        self.requests = 0
         self.resp_order: list[int] = []
         self.seen = 0
         self.out: deque[bytes | str] = deque()
@@ -176,6 +177,8 @@ class DeviceServer:
         self._conns: dict[_Conn, None] = {}
         self._ws_server: Server | None = None
         self._closed = False
+        self.on_client: Callable[[str, int, str, int], object] | None = None
+        """Hook ``on_client(event, client, peer, requests)``: event ``"connect"`` or ``"leave"``."""
         self._kernels: list[Any] = []
         """Kernels clients sent (the kernel registry holds them weakly)."""
 
@@ -260,6 +263,8 @@ class DeviceServer:
         conn = _Conn(next(self._ids), ws, fmt)
         self._conns[conn] = None
         self.stats.connections += 1
+        if self.on_client is not None:
+            self.on_client("connect", conn.n, _peer(conn), 0)
         writer = asyncio.create_task(conn.write_loop(), name=f"kbus remote writer {conn.n}")
         # A new client is busy until it first acks (its script is setting up): hold time for it.
         self._hold_for(conn)
@@ -304,6 +309,8 @@ class DeviceServer:
             return
         conn.open = False
         self._release_all(conn)
+        if self.on_client is not None:
+            self.on_client("leave", conn.n, _peer(conn), conn.requests)
         if not conn.pending:
             self._cleanup(conn)
 
@@ -465,6 +472,7 @@ class DeviceServer:
             data = write_bytes(msg, conn.buffers.get(msg.host_buffer or "") if type(msg) is MemoryWriteMsg else None)
             rec_i = self.recorder.on_request(conn.n, msg, data, self.sim.now)
         self.stats.requests += 1
+        conn.requests += 1
         conn.pending[rid] = self.sim.spawn(
             self._serve(conn, rid, local, rec_i), name=f"remote client {conn.n} request {rid}"
         )
@@ -577,6 +585,11 @@ class DeviceServer:
                 "responses": responses,
             }
         )
+
+
+def _peer(conn: _Conn) -> str:
+    peer = conn.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
 def _select_subprotocol(connection: ServerConnection, subprotocols: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,25 @@ def test_kbus_connect_runs_open_device_remotely_and_checks_the_config(monkeypatc
             assert server.stats.connections == 2
 
     kbus.run(main)
+
+
+def test_the_server_reports_clients_coming_and_going() -> None:
+    events: list[tuple[str, int, int]] = []
+
+    async def main() -> None:
+        async with serve_device("tiny") as server:
+            server.on_client = lambda event, client, peer, requests: events.append((event, client, requests))
+            for _ in range(2):
+                dev = await connect_device(server.url)
+                await dev.request(PeDmaMsg("c", "p", 0, 0, 1, 0, 64))
+                await dev.aclose()
+                for _ in range(100):
+                    if len(events) % 2 == 0:
+                        break
+                    await asyncio.sleep(0.01)
+
+    kbus.run(main)
+    assert events == [("connect", 1, 0), ("leave", 1, 1), ("connect", 2, 0), ("leave", 2, 1)]
 
 
 def test_remote_device_keeps_hardware_attributes_in_the_server() -> None:
