@@ -15,10 +15,13 @@ from .errors import (
     KernelError,
     MemoryLeakError,
     OutOfDeviceMemory,
+    RecordingError,
+    RemoteError,
     TensorFreedError,
 )
 from .hw import DeviceConfig, build_device
 from .lang import kernel
+from .remote import RemoteDevice, ReplayResult, connect_device, replay, serve_device
 from .runtime import Replicate, Runtime, Shard, Tensor, open_device
 from .sim import Block, Inbox, InboxFull, Link, Sim, SimFuture, SimTask, format_time, ms, ns, parse_time, ps, run, us
 from .sim.timeouts import fail_after, move_on_after
@@ -42,6 +45,10 @@ __all__ = [
     "Link",
     "MemoryLeakError",
     "OutOfDeviceMemory",
+    "RecordingError",
+    "RemoteDevice",
+    "RemoteError",
+    "ReplayResult",
     "Replicate",
     "Runtime",
     "Shard",
@@ -56,6 +63,7 @@ __all__ = [
     "WorkloadError",
     "__version__",
     "build_device",
+    "connect_device",
     "fail_after",
     "format_time",
     "kernel",
@@ -66,7 +74,9 @@ __all__ = [
     "open_device",
     "parse_time",
     "ps",
+    "replay",
     "run",
+    "serve_device",
     "sweep",
     "us",
 ]

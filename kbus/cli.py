@@ -1,4 +1,4 @@
-"""The ``kbus`` command: ``demo``, ``info``, ``probe`` and ``trace``.
+"""The ``kbus`` command: ``demo``, ``info``, ``probe``, ``trace``, ``sweep``, ``serve`` and ``replay``.
 
 Each sub-command is a thin shell over the library; the work lives in the
 modules it calls, so scripts can do the same things without the CLI.
@@ -7,12 +7,17 @@ modules it calls, so scripts can do the same things without the CLI.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
 from . import __version__
+
+DEFAULT_MAX_SIZE = 4 * 1024 * 1024 + 64 * 1024
+"""``kbus serve --max-size`` default (kbus.remote.server.DEFAULT_MAX_SIZE, without importing it at start-up)."""
 
 
 def _port(text: str) -> int:
@@ -98,7 +103,79 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(_config_spec(args), trace=args.trace, use_uvloop=not args.no_uvloop)
+    if args.connect and (args.preset or args.config):
+        raise ValueError("--connect uses the served device's config; drop --preset/--config")
+    return run_demo(
+        _config_spec(args),
+        trace=args.trace,
+        use_uvloop=not args.no_uvloop,
+        connect=args.connect,
+        record=args.record,
+        token=_token(args),
+    )
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return getattr(args, "token", None) or os.environ.get("KBUS_TOKEN") or None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .remote.server import serve_device
+    from .sim import run
+
+    console = Console(highlight=False, soft_wrap=True)
+
+    async def main() -> int:
+        server = await serve_device(
+            _config_spec(args),
+            host=args.host,
+            port=args.port,
+            token=_token(args),
+            record=args.record,
+            max_size=args.max_size,
+            max_inflight=args.max_inflight,
+            accept_kernels=not args.no_kernels,
+            ack_timeout=args.ack_timeout or None,
+        )
+
+        def on_client(event: str, client: int, peer: str, requests: int) -> None:
+            if event == "connect":
+                console.print(f"client {client} connected from {peer}")
+            else:
+                console.print(f"client {client} ({peer}) left after {requests:,} request(s)")
+
+        server.on_client = on_client
+        try:
+            cfg = server.device.config
+            auth = "bearer token required" if server.token else "no token (loopback only)"
+            console.print(f"serving device {cfg.name!r} at {server.url} ({auth})")
+            if args.record:
+                console.print(f"recording every client to {args.record}")
+            console.print("Ctrl-C stops", style="dim")
+            await asyncio.Event().wait()  # until interrupted
+        finally:
+            await server.aclose()
+        return 0
+
+    try:
+        return run(main)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .remote.replay import print_replay, replay
+
+    result = replay(args.recording, args.config, trace=args.trace, use_uvloop=not args.no_uvloop)
+    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(console.width, 128))  # nine columns of times fit
+    print_replay(result, console)
+    if args.csv:
+        result.write_csv(args.csv)
+        console.print(f"comparison written to {args.csv}")
+    if args.trace:
+        console.print(f"trace written to {args.trace}")
+    return 0 if result.identical or not result.same_config else 1
 
 
 def _cmd_trace_serve(args: argparse.Namespace) -> int:
@@ -124,7 +201,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--trace", metavar="FILE", default=None, help="write a trace (Chrome JSON; .pftrace: Perfetto)")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.add_argument("--connect", metavar="URL", default=None, help="run on the device served at URL (ws://host:port)")
+    p.add_argument("--token", default=None, help="bearer token for --connect (default: $KBUS_TOKEN)")
+    p.add_argument("--record", metavar="FILE", default=None, help="record every host message to FILE (.kbrec)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("serve", help="serve one device to websocket clients (kbus.connect_device, open_device(URL))")
+    _add_config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; others need --token)")
+    p.add_argument("--port", type=_port, default=8766, help="port to bind (default 8766; 0 picks a free one)")
+    p.add_argument("--token", default=None, help="require this bearer token of every client (default: $KBUS_TOKEN)")
+    p.add_argument("--record", metavar="FILE", default=None, help="record every client's messages to FILE (.kbrec)")
+    p.add_argument(
+        "--max-size", type=_count(1024), default=DEFAULT_MAX_SIZE, help="largest frame a client may send, in bytes"
+    )
+    p.add_argument("--max-inflight", type=_count(1), default=65536, help="most requests in flight per connection")
+    p.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wall seconds a client may take to ack a response before it loses lockstep (0: no limit)",
+    )
+    p.add_argument(
+        "--no-kernels", action="store_true", help="refuse @kbus.kernel code from clients (builtin kernels still run)"
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("replay", help="replay a .kbrec recording; compare with it on another config")
+    p.add_argument("recording", metavar="FILE", help="a recording (kbus demo --record, open_device(record=...))")
+    p.add_argument("--config", default=None, help="preset name or TOML file to replay on (default: the recorded one)")
+    p.add_argument("--trace", metavar="FILE", default=None, help="write a trace of the replay")
+    p.add_argument("--csv", metavar="FILE", default=None, help="write the comparison table as CSV")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("info", help="print the resolved topology and every parameter with its unit")
     _add_config_args(p)
@@ -145,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ts)
     ts.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     ts.add_argument("--port", type=_port, default=8765, help="port to bind (default 8765; 0 picks a free one)")
-    ts.add_argument(
-        "--repeat", type=_count(0), default=0, help="run the demo workload N times (0 = until interrupted)"
-    )
+    ts.add_argument("--repeat", type=_count(0), default=0, help="run the demo workload N times (0 = until interrupted)")
     ts.set_defaults(func=_cmd_trace_serve)
 
     p = sub.add_parser("sweep", help="run a workload over a grid of device configs (locally or on a Dask cluster)")

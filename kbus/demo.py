@@ -93,12 +93,13 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) -> None:
+def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]], served: Any = None) -> None:
+    """The fabric, link and block tables and the closing line; ``served``: a remote device's DeviceStats."""
     dev = torch.device
-    now = dev.sim.now
-    stats = dev.stats()
+    now = dev.sim.now if served is None else served.now_ps
+    stats = dev.stats() if served is None else served.blocks
     msgs = sum(s.msgs_in for s in stats.values())
-    levels = dev.level_stats()
+    levels = dev.level_stats() if served is None else served.levels
     moved = sum(d["bytes"] for d in levels.values())
     table = Table(title=f"fabric levels and memories over {format_time(now)} of device time")
     for col in ("level", "resources", "flows", "bytes", "utilisation"):
@@ -112,7 +113,8 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
             f"{100 * d['utilisation']:.3f}%",
         )
     console.print(table)
-    links = sorted(dev.link_stats().values(), key=lambda r: (-r.busy, r.name))[:8]
+    link_stats = dev.link_stats() if served is None else served.links
+    links = sorted(link_stats.values(), key=lambda r: (-r.busy, r.name))[:8]
     top = Table(title="busiest links and memory channels (busy = allocated rate / bandwidth over time)")
     for col in ("resource", "kind", "flows", "bytes", "busy", "queueing mean", "queueing p99"):
         top.add_column(col, justify="left" if col in ("resource", "kind") else "right", no_wrap=col == "resource")
@@ -138,31 +140,56 @@ def _summary(torch: Any, console: Console, rows: list[tuple[str, bool, int]]) ->
         busy.add_row(kind, str(len(us)), f"{100 * sum(us) / len(us):.2f}%", f"{100 * max(us):.2f}%")
     console.print(busy)
     ok = all(r[1] for r in rows)
+    where = "" if served is None else f" on the device at {dev.url}"
     console.print(
         f"[bold]{'all results match numpy' if ok else 'SOME RESULTS DIFFER FROM NUMPY'}[/]; "
-        f"virtual time {format_time(now)}, {msgs:,} block messages, {moved:,} bytes over links "
+        f"virtual time {format_time(now)}{where}, {msgs:,} block messages, {moved:,} bytes over links "
         f"({format_bandwidth(moved * 1e12 / now) if now else '-'} aggregate)"
     )
 
 
-def run_demo(config: str = "default", *, trace: str | None = None, use_uvloop: bool = True) -> int:
-    """Run the demo on a fresh device; returns the process exit code."""
-    import kbus
-
-    console = Console(highlight=False)  # numbers and units are coloured by us, not guessed at
-    cfg = DeviceConfig.load(config)
+def _heading(console: Console, cfg: DeviceConfig, where: str = "") -> None:
     t = cfg.topology
     console.print(
-        f"[bold]kbus demo[/] on {cfg.name!r}: {plural(t.sips, 'SIP')} x {plural(t.cubes_per_sip, 'cube')} x "
+        f"[bold]kbus demo[/] on {cfg.name!r}{where}: {plural(t.sips, 'SIP')} x {plural(t.cubes_per_sip, 'cube')} x "
         f"{plural(t.pes_per_cube, 'PE')} = {plural(cfg.num_pes, 'PE')}"
     )
 
+
+def run_demo(
+    config: str = "default",
+    *,
+    trace: str | None = None,
+    use_uvloop: bool = True,
+    connect: str | None = None,
+    record: str | None = None,
+    token: str | None = None,
+) -> int:
+    """Run the demo on a fresh device (or the device served at ``connect``); returns the exit code.
+
+    ``record`` writes a ``.kbrec`` recording of the run (see ``kbus replay``).
+    """
+    import kbus
+    from kbus.remote import RemoteDevice
+
+    console = Console(highlight=False)  # numbers and units are coloured by us, not guessed at
+    cfg = None
+    if connect is None:
+        cfg = DeviceConfig.load(config)
+        _heading(console, cfg)
+
     async def main() -> int:
-        async with kbus.open_device(cfg, trace=trace) as torch:
+        async with kbus.open_device(cfg or connect, trace=trace, record=record, token=token) as torch:  # type: ignore[arg-type]
+            if connect is not None:
+                _heading(console, torch.config, f" at {connect}")
             rows = await workload(torch, console)
-            _summary(torch, console, rows)
+            dev = torch.device
+            served = await dev.fetch_stats() if isinstance(dev, RemoteDevice) else None
+            _summary(torch, console, rows, served)
         if trace:
             console.print(f"trace written to {trace} (open it in https://ui.perfetto.dev)")
+        if record:
+            console.print(f"recording written to {record} (replay it: kbus replay {record})")
         return 0 if all(r[1] for r in rows) else 1
 
     return run(main, use_uvloop=use_uvloop)

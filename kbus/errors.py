@@ -86,6 +86,32 @@ class MemoryLeakError(KbusError, RuntimeError):
     """Device memory or mappings were still held when the device closed (a runtime bug)."""
 
 
+class RemoteError(KbusError, ConnectionError):
+    """Talking to a device served by ``kbus serve`` failed.
+
+    Raised for a refused or lost connection, a frame the peer rejected (the
+    message names the frame field, ``path`` holds it), a server limit that was
+    hit (frame size, requests in flight) or a protocol version mismatch.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class RecordingError(KbusError, ValueError):
+    """A ``.kbrec`` recording cannot be read or replayed.
+
+    ``offset`` is the byte offset in the file where the problem was found
+    (``-1`` when it concerns the whole file), for example a recording written
+    by a newer format version, or one that is not a kbus recording at all.
+    """
+
+    def __init__(self, message: str, offset: int = -1) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
 __all__ = [
     "AllocatorError",
     "CodecError",
@@ -96,5 +122,7 @@ __all__ = [
     "KernelError",
     "MemoryLeakError",
     "OutOfDeviceMemory",
+    "RecordingError",
+    "RemoteError",
     "TensorFreedError",
 ]

@@ -29,9 +29,18 @@ def test_probe_table_matches_analytic(capsys: pytest.CaptureFixture[str]) -> Non
         (["probe", "--preset", "tiny", "--sizes", "0"], "probe sizes must be > 0"),
         (["probe", "--preset", "tiny", "--sizes", "big"], "--sizes 'big'"),
         (["info", "--config", "/nonexistent/dev.toml"], "dev.toml"),
+        (["demo", "--connect", "ws://127.0.0.1:1"], "cannot connect to a device server at ws://127.0.0.1:1"),
+        (["demo", "--connect", "ws://127.0.0.1:1", "--preset", "tiny"], "--connect uses the served device's config"),
+        (["replay", "/nonexistent/run.kbrec"], "cannot read recording /nonexistent/run.kbrec"),
+        (["replay", "/nonexistent/run.kbrec", "--config", "nope"], "cannot read recording"),
+        (["serve", "--preset", "tiny", "--host", "0.0.0.0"], "refusing to serve on '0.0.0.0' without a token"),
     ],
 )
-def test_bad_input_exits_2_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_a_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KBUS_TOKEN", raising=False)
+    monkeypatch.delenv("KBUS_CONNECT", raising=False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -45,6 +54,9 @@ def test_bad_input_exits_2_with_a_reason(argv: list[str], message: str, capsys: 
         (["trace", "serve", "--repeat", "-3"], "-3 must be >= 0"),
         (["probe", "--preset", "tiny", "--max-pes", "0"], "0 must be >= 1"),
         (["probe", "--preset", "tiny", "--max-pes", "-5"], "-5 must be >= 1"),
+        (["serve", "--port", "70000"], "70000 is outside 0..65535"),
+        (["serve", "--max-inflight", "0"], "0 must be >= 1"),
+        (["serve", "--max-size", "10"], "10 must be >= 1024"),
     ],
 )
 def test_bad_option_values_exit_2_before_any_work(

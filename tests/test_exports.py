@@ -30,3 +30,12 @@ def test_device_config_and_build_device_are_top_level() -> None:
     cfg = kbus.DeviceConfig.load("tiny")
     assert cfg.topology.sips >= 1
     assert kbus.build_device is kbus.hw.build_device
+
+
+def test_remote_devices_and_replay_are_top_level() -> None:
+    from kbus import remote
+
+    assert kbus.serve_device is remote.serve_device and kbus.connect_device is remote.connect_device
+    assert kbus.replay is remote.replay and kbus.ReplayResult is remote.ReplayResult
+    assert issubclass(kbus.RemoteDevice, kbus.hw.Device)
+    assert issubclass(kbus.RemoteError, kbus.KbusError) and issubclass(kbus.RecordingError, kbus.KbusError)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
 import threading
 import warnings
 import weakref
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import numpy as np
 
-from ..errors import DeadlockError, MemoryLeakError
+from ..errors import ConfigError, DeadlockError, MemoryLeakError
 from ..hw import Device, DeviceConfig, build_device
 from ..mem import format_bytes
 from ..sim import Sim, SimFuture
@@ -59,7 +60,6 @@ from .tensor import _Storage
 from .transfer import HostTransfers
 
 if TYPE_CHECKING:
-    import os
     from types import TracebackType
 
     from ..hw.device import KernelFn
@@ -303,21 +303,39 @@ class _DeviceSession:
         trace: Any,
         trace_ws: Any,
         wire: bool | None,
+        record: str | os.PathLike[str] | None = None,
+        token: str | None = None,
     ) -> None:
         self._config = config
         self._trace = trace
         self._trace_ws = trace_ws
         self._wire = wire
+        self._record = record
+        self._token = token
         self._runtime: Runtime | None = None
         self._trace_cm: Any = None
+        self._detach: Any = None
 
     async def __aenter__(self) -> Runtime:
         if self._runtime is not None:
             raise RuntimeError("this open_device() context is already in use; call open_device() again")
-        cfg = DeviceConfig.load(self._config)
-        sim = Sim(name=cfg.name)
-        device = build_device(sim, cfg, wire=self._wire, freeze=True)
+        url = _device_url(self._config)
+        if url is not None:
+            device = await _connect(url, self._config, self._token)
+        else:
+            cfg = DeviceConfig.load(self._config)
+            device = build_device(Sim(name=cfg.name), cfg, wire=self._wire, freeze=True)
         try:
+            if url is not None and (self._trace is not None or self._trace_ws is not None):
+                raise ValueError(
+                    f"open_device({url!r}, trace=...): the device runs in another process; "
+                    "trace it there (the server's device), not through the connection"
+                )
+            if self._record is not None:
+                from ..remote.record import Recorder
+
+                recorder = Recorder(self._record, device.config.to_toml(), "client" if url else "in-process")
+                self._detach = recorder.attach(device)
             runtime = Runtime(device)
             attach = _trace_attacher()
             if attach is not None:
@@ -330,6 +348,8 @@ class _DeviceSession:
                     "(kbus.trace.attach_from_open_device is missing)"
                 )
         except BaseException:
+            if self._detach is not None:
+                self._detach()
             await _close_device(device)
             raise
         self._runtime = runtime
@@ -357,6 +377,8 @@ class _DeviceSession:
                 if self._trace_cm is not None:
                     await self._trace_cm.__aexit__(et, e, tb)
             finally:
+                if self._detach is not None:
+                    self._detach()
                 await _close_device(rt.device)
 
 
@@ -380,6 +402,33 @@ async def _close_device(device: Device) -> None:
         gc.unfreeze()
 
 
+def _device_url(config: object) -> str | None:
+    """The device server to connect to: ``config`` itself if it is a ``ws://`` URL, else ``KBUS_CONNECT``."""
+    from ..remote.client import is_url
+
+    if is_url(config):
+        return str(config)
+    env = os.environ.get("KBUS_CONNECT", "")
+    return env or None
+
+
+async def _connect(url: str, config: object, token: str | None) -> Any:
+    """Connect to ``url``; under ``KBUS_CONNECT`` the server's config must be the one asked for."""
+    from ..remote.client import connect_device, is_url
+
+    device = await connect_device(url, token=token)
+    if not is_url(config):
+        want = DeviceConfig.load(config)  # type: ignore[arg-type]
+        if want != device.config:
+            await device.aclose()
+            raise ConfigError(
+                f"KBUS_CONNECT={url} serves device config {device.config.name!r}, but open_device asked for "
+                f"{want.name!r} (a different config); serve that config or unset KBUS_CONNECT",
+                source=url,
+            )
+    return device
+
+
 def _trace_attacher() -> Any:
     try:
         from .. import trace
@@ -394,6 +443,8 @@ def open_device(
     trace: Any = None,
     trace_ws: Any = None,
     wire: bool | None = None,
+    record: str | os.PathLike[str] | None = None,
+    token: str | None = None,
 ) -> _DeviceSession:
     """Open an emulated device: ``async with kbus.open_device("tiny") as torch: ...``.
 
@@ -402,8 +453,16 @@ def open_device(
     every message through the codec (slow; proves serializability). ``trace``
     and ``trace_ws`` are handed to ``kbus.trace.attach_from_open_device``.
 
+    ``config`` may also be the URL of a device server (``"ws://127.0.0.1:8766"``,
+    see ``kbus serve``): the runtime then drives that device over the socket
+    (``token`` or ``KBUS_TOKEN`` authenticates). If the environment variable
+    ``KBUS_CONNECT`` holds such a URL, every ``open_device`` connects there
+    instead of building a device, and checks that the server's config is the
+    one asked for. ``record`` writes every host message and response to a
+    ``.kbrec`` recording (see ``kbus replay``).
+
     On exit the runtime waits for queued work, frees every tensor, checks that
     no device memory or mapping is left (:class:`MemoryLeakError` otherwise)
     and stops every simulated task.
     """
-    return _DeviceSession(config, trace, trace_ws, wire)
+    return _DeviceSession(config, trace, trace_ws, wire, record, token)

@@ -1,0 +1,193 @@
+"""The frames a device server and its clients exchange, and their bytes.
+
+One websocket message carries one *frame*: a map with a ``"t"`` key naming
+its kind. Protocol messages ride inside frames in the codec's wire form
+(:func:`kbus.protocol.to_wire`), so the cattrs codec stays the one place that
+decides what a message looks like and checks it on the way in.
+
+Formats
+-------
+The client picks the format by websocket subprotocol: ``kbus.msgpack``
+(binary frames; the default when the client names none) or ``kbus.json``
+(text frames). Bulk bytes are msgpack ``bin`` values, never lists of ints, so
+a tensor byte costs one socket byte; in JSON they are base64 strings. Nothing
+is ever pickled: a frame decodes to plain maps, lists, strings, numbers and
+bytes.
+
+Frames
+------
+A client that is not :class:`~kbus.remote.RemoteDevice` must either ack the
+``hello`` and every ``resp`` once it has reacted (the server holds the
+device's virtual time until it does, for every client), or send ``mode``
+with ``lockstep: false`` first.
+
+Server to client:
+
+* ``hello``: ``protocol`` (version), ``kbus`` (package version), ``config``
+  (the device config as TOML), ``formats``, ``format`` (the one in use),
+  ``now_ps``, ``builtins`` (kernel names the device knows), ``max_size``,
+  ``max_inflight``, ``chunk`` (largest ``data`` payload either side sends);
+* ``data``: ``name``, ``offset``, ``data``: bytes a read put into the client's
+  host buffer (sent before the ``resp`` of that read);
+* ``resp``: ``id``, ``now_ps`` (device time of completion), ``ok``, ``error``,
+  ``raised`` (the exception type a local device would have raised) and
+  ``responses`` (the ``ResponseMsg`` wire dicts);
+* ``stats``: ``id``, ``now_ps``, ``blocks``, ``links`` (rows of the fields of
+  ``BlockStats`` / ``LinkStats``), ``levels``: the answer to a ``stats`` frame;
+* ``error``: ``id`` (or null), ``error``, ``path`` (the frame field at fault).
+
+Client to server:
+
+* ``buf``: ``name``, ``nbytes``: announce a host buffer;
+* ``put``: ``name``, ``offset``, ``data``: bytes of a host buffer a write reads;
+* ``free``: ``name``: forget a host buffer;
+* ``req``: ``id`` (the client's number), ``msg`` (a host request), ``seen``
+  (how many ``resp`` frames the client had delivered when it sent this; the
+  server's recorder turns it into the request's causal frontier);
+* ``ack``: ``n``: the client has finished reacting to ``n`` more ``resp``
+  frames (see *Virtual time* in :mod:`kbus.remote.server`); the same count
+  may ride on a ``req`` as its ``ack`` field, applied after the request;
+* ``stats``: ``id``: ask for the device's counters now (answered at once,
+  outside virtual time);
+* ``mode``: ``lockstep`` (bool): false lets the device run on while this
+  client reacts (no acks needed);
+* ``kernel``: ``specs``: ``@kbus.kernel`` kernels to register before their
+  code blob is written (see :mod:`kbus.remote.kernels`).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
+
+import msgpack
+import orjson
+
+from ..errors import CodecError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "FORMATS",
+    "PROTOCOL_VERSION",
+    "SUBPROTOCOLS",
+    "WireFormat",
+    "decode_frame",
+    "encode_frame",
+    "field",
+    "format_of",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Bumped whenever a frame changes incompatibly; the client refuses another version."""
+
+WireFormat: TypeAlias = Literal["msgpack", "json"]
+FORMATS: Final[tuple[WireFormat, ...]] = ("msgpack", "json")
+SUBPROTOCOLS: Final = {"kbus.msgpack": "msgpack", "kbus.json": "json"}
+"""Websocket subprotocol -> frame format."""
+
+CHUNK_BYTES: Final = 4 * 1024 * 1024
+"""Largest ``data`` payload in one frame: big transfers travel as several frames under ``max_size``."""
+
+_BYTES_KEY: Final = "data"
+
+T = TypeVar("T")
+
+
+COALESCE_BYTES: Final = 64 * 1024
+"""Messages up to this size queued together go out in one transport write."""
+
+
+async def send_all(ws: Any, messages: list[bytes | str]) -> None:
+    """Send websocket messages in order, small ones coalesced into one transport write.
+
+    Each message is still its own websocket message (one frame each); only the
+    socket writes are batched, through the connection's sans-I/O protocol
+    (``ws.protocol.send_binary`` + ``data_to_send``): a write costs a system call
+    however small it is, and a burst of small frames (a window of requests, the
+    responses due at one instant) is common. Large messages (bulk data) go
+    through ``ws.send``, which applies the connection's backpressure; so does a
+    write buffer grown past a few chunks.
+    """
+    batch: list[bytes | str] = []
+    for data in messages:
+        if len(data) <= COALESCE_BYTES:
+            batch.append(data)
+            continue
+        _write(ws, batch)
+        batch = []
+        await ws.send(data)
+    _write(ws, batch)
+    if ws.transport.get_write_buffer_size() > 4 * CHUNK_BYTES:
+        await ws.drain()
+
+
+def _write(ws: Any, batch: list[bytes | str]) -> None:
+    if not batch:
+        return
+    proto = ws.protocol
+    for data in batch:
+        if isinstance(data, str):
+            proto.send_text(data.encode("utf-8"))
+        else:
+            proto.send_binary(data)
+    ws.transport.write(b"".join(proto.data_to_send()))
+
+
+def format_of(subprotocol: str | None) -> WireFormat:
+    """The frame format of a negotiated subprotocol (msgpack when none was asked for)."""
+    if subprotocol is None:
+        return "msgpack"
+    fmt = SUBPROTOCOLS.get(subprotocol)
+    if fmt is None:
+        raise CodecError(f"unknown subprotocol {subprotocol!r} (expected one of {', '.join(SUBPROTOCOLS)})")
+    return fmt  # type: ignore[return-value]
+
+
+def encode_frame(frame: dict[str, Any], fmt: WireFormat) -> bytes | str:
+    """The websocket message for ``frame``: msgpack bytes, or JSON text with bytes as base64."""
+    if fmt == "msgpack":
+        return msgpack.packb(frame, use_bin_type=True)
+    data = frame.get(_BYTES_KEY)
+    if isinstance(data, bytes | bytearray | memoryview):
+        frame = {**frame, _BYTES_KEY: base64.b64encode(data).decode("ascii")}
+    return orjson.dumps(frame).decode("utf-8")
+
+
+def decode_frame(raw: bytes | str, fmt: WireFormat) -> dict[str, Any]:
+    """Parse one websocket message into a frame map; CodecError (naming the field) if it is not one."""
+    try:
+        if fmt == "msgpack":
+            if isinstance(raw, str):
+                raise CodecError("expected a binary msgpack frame, got a text frame")
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        else:
+            obj = orjson.loads(raw)
+    except CodecError:
+        raise
+    except Exception as e:
+        raise CodecError(f"malformed {fmt} frame: {type(e).__name__}: {e}") from None
+    if obj.__class__ is not dict:
+        raise CodecError(f"a frame must be a map, got {type(obj).__name__}")
+    if fmt == "json" and isinstance(obj.get(_BYTES_KEY), str):
+        try:
+            obj[_BYTES_KEY] = base64.b64decode(obj[_BYTES_KEY], validate=True)
+        except ValueError:
+            raise CodecError("invalid frame at data: expected base64 text", path=_BYTES_KEY) from None
+    return obj
+
+
+def field(frame: dict[str, Any], name: str, kind: type[T], *, minimum: int | None = None) -> T:
+    """``frame[name]``, checked to be a ``kind`` (ints: not bools, at least ``minimum``); CodecError names it."""
+    if name not in frame:
+        raise CodecError(f"invalid {frame.get('t', 'frame')!s} frame at {name}: missing required field", path=name)
+    value = frame[name]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise CodecError(
+            f"invalid {frame.get('t', 'frame')!s} frame at {name}: expected {kind.__name__}, "
+            f"got {type(value).__name__}",
+            path=name,
+        )
+    if minimum is not None and isinstance(value, int) and value < minimum:
+        raise CodecError(f"invalid {frame.get('t')!s} frame at {name}: must be >= {minimum}, got {value}", path=name)
+    return cast(T, value)
