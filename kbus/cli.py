@@ -259,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=_cmd_trace_serve)
 
     p = sub.add_parser("sweep", help="run a workload over a grid of device configs (locally or on a Dask cluster)")
-    p.add_argument("workload", metavar="WORKLOAD", help="Python file defining `async def workload(torch) -> dict`")
+    p.add_argument(
+        "workload",
+        metavar="WORKLOAD",
+        help="Python file defining `async def workload(torch) -> dict`, or a recording (.kbrec) to replay",
+    )
     p.add_argument(
         "--set",
         dest="sets",
@@ -269,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a dotted config key and its values, in the config's units (repeat for more keys)",
     )
     p.add_argument("--zip", action="store_true", help="pair the value lists instead of taking their product")
-    p.add_argument("--config", default="default", metavar="BASE", help="preset or TOML file every point starts from")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="BASE",
+        help="preset or TOML file every point starts from (default: `default`, or a recording's own config)",
+    )
     p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="submit to this Dask scheduler (tcp://...)")
     p.add_argument(
         "--workers", type=int, default=None, help="local worker processes (default one per core; 0 = serial)"

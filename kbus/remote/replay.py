@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -141,8 +142,13 @@ async def replay_async(
     config: DeviceConfig | str | os.PathLike[str] | None = None,
     *,
     trace: str | os.PathLike[str] | None = None,
+    on_device: Callable[[Any], object] | None = None,
 ) -> ReplayResult:
-    """:func:`replay` on the running loop; ``path`` may also be a :class:`Recording` already read."""
+    """:func:`replay` on the running loop; ``path`` may also be a :class:`Recording` already read.
+
+    ``on_device(device)``, if given, is called after the replay and before the
+    device closes, to read what the result does not carry (statistics).
+    """
     rec = path if isinstance(path, Recording) else read_recording(path)
     wall0 = time.perf_counter()
     old_cfg = DeviceConfig.from_toml_text(rec.config_toml, source=rec.path)
@@ -159,6 +165,8 @@ async def replay_async(
     else:
         await run.run()
     result = run.result(old_cfg, cfg, time.perf_counter() - wall0)
+    if on_device is not None:
+        on_device(device)
     await device.aclose()
     return result
 

@@ -93,7 +93,7 @@ def _as_grid(grid: Grid | Mapping[str, Sequence[Value]]) -> Grid:
 def sweep(
     workload: str | os.PathLike[str] | Workload,
     grid: Grid | Mapping[str, Sequence[Value]],
-    base: DeviceConfig | str | os.PathLike[str] = "default",
+    base: DeviceConfig | str | os.PathLike[str] | None = None,
     client: Client | None = None,
     *,
     workers: int | None = None,
@@ -104,7 +104,8 @@ def sweep(
     """Run ``workload`` at every point of ``grid`` and return one record per point, in grid order.
 
     ``grid`` is a :class:`Grid` or a mapping ``{dotted key: [values]}`` (its
-    cartesian product). ``base`` is the config every point starts from.
+    cartesian product). ``base`` is the config every point starts from
+    (default: ``"default"`` for a script, the recorded config for a recording).
     ``client`` is a ``dask.distributed.Client`` to submit to; without one a
     local cluster of ``workers`` processes is started for this sweep and
     closed after (default: one per core). ``workers=0`` runs every point in
@@ -120,7 +121,7 @@ def sweep(
         raise SweepError(f"workers={workers} applies to a local cluster; the client's cluster has its own workers")
     wl = load_workload(workload)
     points = _as_grid(grid)
-    base_cfg = DeviceConfig.load(base)
+    base_cfg = DeviceConfig.load(wl.default_base() if base is None else base)
     total = len(points)
     finished: dict[int, PointResult] = {}
 

@@ -13,9 +13,13 @@ Kinds, chosen by the file's suffix in :func:`load_workload`:
   compiled once per worker process (cached by its text) and called with the
   runtime handle of a freshly opened device at every point; the dict it returns
   (names to numbers or strings) joins the results table.
-* ``.kbrec``: a recorded run. Replaying one needs ``kbus replay``, which this
-  version does not have, so it is refused with that reason. Supporting it is a
-  second :class:`Workload` subclass carrying the recording's bytes.
+* ``.kbrec``: a recorded run (``open_device(..., record=...)``, ``kbus demo
+  --record``, ``kbus serve --record``), carried as the recording read once.
+  Each point replays it on that point's config as ``kbus replay`` does: every
+  request goes out once the requests it depended on have completed on the new
+  device, so the end-to-end time and the latencies per request kind answer
+  "what if" without the script that made it. Its grid starts from the
+  recorded config unless told otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from ..errors import ConfigError, RecordingError
 from ..hw.config import DeviceConfig
 from ..runtime import Runtime, open_device
 from ..sim.runner import run as kbus_run
@@ -41,6 +46,7 @@ __all__ = [
     "Measurement",
     "MetricValue",
     "PythonWorkload",
+    "RecordingWorkload",
     "RequestLatencies",
     "Workload",
     "load_workload",
@@ -76,6 +82,10 @@ class Workload(abc.ABC):
     @abc.abstractmethod
     def run(self, config: DeviceConfig) -> Measurement:
         """Simulate the workload on ``config`` in this process, on a new event loop."""
+
+    def default_base(self) -> DeviceConfig | str:
+        """The config a sweep starts every point from when it is given none."""
+        return "default"
 
     def describe_error(self, exc: BaseException) -> str:
         """``Type: message`` of a failure, plus where in the workload it was raised if known."""
@@ -173,6 +183,65 @@ class PythonWorkload(Workload):
         return f"{type(exc).__name__}: {exc}{where}"
 
 
+@attrs.frozen(eq=False)
+class RecordingWorkload(Workload):
+    """A recorded run (``.kbrec``), replayed on each point's config.
+
+    The measurement: ``virtual_time_ps`` is the replay's end-to-end time (its
+    last response), ``latency`` the replay's latencies per request kind (the
+    requests that succeeded), and the metrics say how many requests were
+    replayed, how many failed on this config and the recorded end-to-end time.
+    """
+
+    recording: Any
+    """The :class:`kbus.remote.Recording` read from the file."""
+    name: str = "<recording>"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> RecordingWorkload:
+        """Read and check a recording (so a bad file fails before any point is scheduled)."""
+        from ..remote.record import read_recording
+
+        p = str(path)
+        try:
+            rec = read_recording(p)
+            DeviceConfig.from_toml_text(rec.config_toml, source=p)
+        except RecordingError as exc:
+            raise WorkloadError(f"workload {p!r}: {exc}", p) from None
+        except ConfigError as exc:
+            raise WorkloadError(f"workload {p!r}: its recorded device config is not usable: {exc}", p) from None
+        if not any(True for _ in rec.requests()):
+            raise WorkloadError(f"workload {p!r}: the recording holds no requests, so there is nothing to replay", p)
+        return cls(rec, name=p)
+
+    def default_base(self) -> DeviceConfig:
+        """The recorded config: a sweep over a recording asks "what if this device were different"."""
+        return DeviceConfig.from_toml_text(self.recording.config_toml, source=self.name)
+
+    def run(self, config: DeviceConfig) -> Measurement:
+        return kbus_run(self._simulate, config)
+
+    async def _simulate(self, config: DeviceConfig) -> Measurement:
+        from ..remote.replay import replay_async
+
+        peaks: dict[str, float] = {}
+        result = await replay_async(self.recording, config, on_device=lambda dev: peaks.update(utilisation_peaks(dev)))
+        latency: dict[str, int] = {}
+        failed = 0
+        for row in sorted(result.rows, key=lambda r: r.kind):
+            failed += row.new_failed
+            latency[f"{row.kind}.count"] = row.count - row.new_failed
+            latency[f"{row.kind}.total_ps"] = row.new_total_ps
+            latency[f"{row.kind}.p50_ps"] = row.new_p50_ps
+            latency[f"{row.kind}.p99_ps"] = row.new_p99_ps
+        metrics: dict[str, MetricValue] = {
+            "requests": result.requests,
+            "failed_requests": failed,
+            "recorded_end_ps": result.old_end_ps,
+        }
+        return Measurement(result.new_end_ps, peaks, metrics, latency)
+
+
 def utilisation_peaks(device: Any) -> dict[str, float]:
     """Peak utilisation per link level and per block kind, read generically.
 
@@ -253,7 +322,7 @@ RECORDING_SUFFIX = ".kbrec"
 
 
 def load_workload(spec: str | os.PathLike[str] | Workload) -> Workload:
-    """The workload named by ``spec``: a :class:`Workload`, a ``.py`` script or (later) a ``.kbrec`` recording."""
+    """The workload named by ``spec``: a :class:`Workload`, a ``.py`` script or a ``.kbrec`` recording."""
     if isinstance(spec, Workload):
         return spec
     if not isinstance(spec, str | os.PathLike):
@@ -261,13 +330,11 @@ def load_workload(spec: str | os.PathLike[str] | Workload) -> Workload:
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix == RECORDING_SUFFIX:
-        raise WorkloadError(
-            f"workload {str(path)!r}: recorded workloads need `kbus replay` (not available in this version)", str(path)
-        )
+        return RecordingWorkload.from_file(path)
     if suffix != ".py":
         raise WorkloadError(
             f"workload {str(path)!r}: unknown kind {suffix or '(no suffix)'!r}; expected a Python file (.py) "
-            "defining `async def workload(torch) -> dict`",
+            "defining `async def workload(torch) -> dict`, or a recording (.kbrec)",
             str(path),
         )
     return PythonWorkload.from_file(path)

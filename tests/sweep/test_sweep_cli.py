@@ -62,12 +62,22 @@ def test_bad_arguments_exit_2_with_a_reason(
     assert message in capsys.readouterr().err
 
 
-def test_a_recording_is_refused_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_recording_sweeps_from_its_own_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_sweep_points import record_run
+
     rec = tmp_path / "demo.kbrec"
-    rec.write_bytes(b"")
-    assert main(["sweep", str(rec), "--set", "topology.cubes_per_sip=1,2"]) == 2
+    recorded_end = record_run(rec)
+    out = tmp_path / "out.csv"
+    args = ["sweep", str(rec), "--set", "links.host_pcie.bandwidth=1GB/s,32GB/s", "--workers", "0", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert [r["links.host_pcie.bandwidth"] for r in rows] == ["1GB/s", "32GB/s"]
+    assert int(rows[1]["virtual_time_ps"]) == recorded_end < int(rows[0]["virtual_time_ps"])
+    bad = tmp_path / "cut.kbrec"
+    bad.write_bytes(b"")
+    assert main(["sweep", str(bad), "--set", "topology.cubes_per_sip=1,2"]) == 2
     err = capsys.readouterr().err
-    assert "demo.kbrec" in err and "recorded workloads need `kbus replay` (not available in this version)" in err
+    assert "cut.kbrec" in err and "not a kbus recording" in err
 
 
 def test_the_readme_command_runs_on_a_local_cluster(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import pytest
 from sweep_workloads import FAILS_ON_FOUR_CUBES, GATHER, write
 
@@ -16,6 +18,7 @@ from kbus.hw import DeviceConfig
 from kbus.sweep import (
     PointResult,
     PythonWorkload,
+    RecordingWorkload,
     SweepResults,
     WorkloadError,
     load_workload,
@@ -51,8 +54,6 @@ def test_a_point_records_time_utilisation_and_metrics(tmp_path: Path) -> None:
 
 
 def _host() -> Any:
-    import numpy as np
-
     return np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
 
 
@@ -116,12 +117,59 @@ def test_bad_metrics_are_a_point_error(tmp_path: Path, returned: str, match: str
     assert r.error is not None and match in r.error and str(path) in r.error
 
 
-def test_recorded_workloads_are_refused_with_the_reason(tmp_path: Path) -> None:
-    rec = tmp_path / "demo.kbrec"
-    rec.write_bytes(b"\x93")
-    with pytest.raises(WorkloadError, match=r"demo\.kbrec.*recorded workloads need `kbus replay` \(not available"):
+def record_run(path: Path) -> int:
+    """Record a small tensor program on ``tiny``; return the recorded end-to-end time (last response)."""
+
+    async def main() -> None:
+        async with kbus.open_device("tiny", record=path) as torch:
+            x = torch.tensor(np.arange(64 * 1024, dtype=np.float32), policy=kbus.Shard(dim=0))
+            y = x * 2.0 + 1.0
+            assert np.array_equal(await y.numpy(), np.arange(64 * 1024, dtype=np.float32) * 2 + 1)
+
+    kbus.run(main)
+    from kbus.remote import read_recording
+
+    return max(int(r["t"]) for r in read_recording(path).records if r["k"] == "resp")
+
+
+def test_a_recording_replays_at_every_point_from_its_own_config(tmp_path: Path) -> None:
+    rec = tmp_path / "run.kbrec"
+    recorded_end = record_run(rec)
+    wl = load_workload(rec)
+    assert isinstance(wl, RecordingWorkload)
+    assert wl.default_base() == DeviceConfig.load("tiny")  # the grid starts from the recorded device
+    # On its own config the replay ends exactly when the recording did.
+    same = run_point(wl, DeviceConfig.load("tiny"), 0, {})
+    assert same.ok, same.error
+    assert same.virtual_time_ps == recorded_end == same.metrics["recorded_end_ps"]
+    assert same.metrics["failed_requests"] == 0 and int(same.metrics["requests"] or 0) > 3
+    assert same.latency["memory_write.count"] >= 1 and same.latency["memory_write.p99_ps"] > 0
+    assert {"link.noc_hop", "block.PE_DMA"} <= set(same.utilisation)
+    # Workers get the workload pickled: the recording travels whole and replays the same there.
+    shipped = pickle.loads(pickle.dumps(wl))
+    assert run_point(shipped, DeviceConfig.load("tiny"), 0, {}).virtual_time_ps == recorded_end
+    # A sweep without a base config starts from the recording's: a slower PCIe bus only slows it down.
+    results = sweep(rec, {"links.host_pcie.bandwidth": ["1GB/s", "32GB/s"]}, workers=0)
+    slow, fast = results
+    assert slow.ok and fast.ok, (slow.error, fast.error)
+    assert slow.virtual_time_ps is not None and fast.virtual_time_ps is not None
+    assert slow.virtual_time_ps > fast.virtual_time_ps
+    assert fast.virtual_time_ps == recorded_end  # 32 GB/s is tiny's own PCIe: the recorded run again
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", r"bad\.kbrec.*empty or not a kbus recording"),
+        (b"\x93\x01\x02\x03", r"bad\.kbrec.*not a kbus recording"),
+    ],
+)
+def test_an_unusable_recording_is_refused_before_any_point(tmp_path: Path, content: bytes, match: str) -> None:
+    rec = tmp_path / "bad.kbrec"
+    rec.write_bytes(content)
+    with pytest.raises(WorkloadError, match=match):
         load_workload(rec)
-    with pytest.raises(WorkloadError, match="recorded workloads need `kbus replay`"):
+    with pytest.raises(WorkloadError, match=match):
         sweep(rec, {"topology.cubes_per_sip": [1]}, base="tiny", workers=0)
 
 
