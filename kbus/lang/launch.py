@@ -40,6 +40,7 @@ from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, 
 from .kernel import Kernel
 from .language import dtype_name
 from .runner import (
+    BATCH_MODES,
     PLACEMENTS,
     Deployment,
     DeviceState,
@@ -330,6 +331,7 @@ def queue_launch(
     args: tuple[Any, ...] | list[Any] = (),
     *,
     placement: str = "spread",
+    batch: str | None = None,
     **constexprs: Any,
 ) -> Awaitable[LaunchResult]:
     """Check a launch of ``kern`` over ``grid`` now and queue it; ``await`` the result for its :class:`LaunchResult`.
@@ -340,13 +342,17 @@ def queue_launch(
     int, a tuple of up to three ints, or a callable receiving the arguments by
     name. ``placement`` is ``"spread"`` (round-robin over the PEs) or
     ``"owner"`` (each instance on the PE owning its block of the first tensor
-    argument; see :mod:`kbus.lang.runner`). Host-side mistakes raise here;
+    argument; see :mod:`kbus.lang.runner`). ``batch`` is ``"auto"`` (a PE runs
+    its instances as one batched run of the body when the kernel allows it,
+    see :mod:`kbus.lang.batch`) or ``"off"`` (one instance at a time); None
+    takes the kernel's own setting. Results and virtual times are the same
+    either way. Host-side mistakes raise here;
     awaiting raises :class:`kbus.KernelError` if any instance failed. See
     :func:`start` for how the launch is ordered with other work.
     """
     if not isinstance(kern, Kernel):
         raise TypeError(f"launch() takes a @kbus.kernel, got {type(kern).__name__}")
-    return start(target, kern, grid, kern.bind(tuple(args), constexprs), placement)
+    return start(target, kern, grid, kern.bind(tuple(args), constexprs), placement, batch)
 
 
 async def launch(
@@ -356,13 +362,16 @@ async def launch(
     args: tuple[Any, ...] | list[Any] = (),
     *,
     placement: str = "spread",
+    batch: str | None = None,
     **constexprs: Any,
 ) -> LaunchResult:
     """``await queue_launch(...)``: run ``kern`` over ``grid`` and return its :class:`LaunchResult`."""
-    return await queue_launch(target, kern, grid, args, placement=placement, **constexprs)
+    return await queue_launch(target, kern, grid, args, placement=placement, batch=batch, **constexprs)
 
 
-def start(target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], placement: str) -> Awaitable[LaunchResult]:
+def start(
+    target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], placement: str, batch: str | None = None
+) -> Awaitable[LaunchResult]:
     """Check and queue a launch of ``kern`` with bound ``values``; return an awaitable of its result.
 
     Everything that can be checked on the host (grid, placement, argument
@@ -380,18 +389,21 @@ def start(target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], pla
     name = kern.short_name
     if placement not in PLACEMENTS:
         raise ValueError(f"kernel {name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    mode = kern.batch if batch is None else batch
+    if mode not in BATCH_MODES:
+        raise ValueError(f"kernel {name!r}: batch must be one of {', '.join(BATCH_MODES)}, got {mode!r}")
     device = device_of(target)
     dims = _grid(grid, values, name)
     params, first = _pack(kern, values)
     tensors = [v for v in values.values() if _is_tensor(v)]
     submit = None if isinstance(target, Device) else getattr(target, "submit", None)
     if not callable(submit):
-        return _after_inputs(tensors, _send(device, kern, dims, params, first, placement))
+        return _after_inputs(tensors, _send(device, kern, dims, params, first, placement, mode))
     label = f"kernel {name}[{', '.join(map(str, dims))}]"
 
     async def work() -> LaunchResult | BaseException:
         try:
-            return await _send(device, kern, dims, params, first, placement)
+            return await _send(device, kern, dims, params, first, placement, mode)
         except (DeviceError, OutOfDeviceMemory) as exc:
             return exc  # the launch's own failure: reported to its awaiter, not to the tensors
 
@@ -463,6 +475,7 @@ async def _send(
     params: list[Any],
     first: TensorArg | None,
     placement: str,
+    batch: str = "auto",
 ) -> LaunchResult:
     """Deploy if needed, send the KernelLaunchMsg, check the answers."""
     sim = device.sim
@@ -485,6 +498,8 @@ async def _send(
         placement = "spread"
         sips, cubes, pe = spread_targets(cfg, n)
     trailer = [ScalarArg("i64", g) for g in grid] + [ScalarArg("i64", PLACEMENTS[placement])]
+    if batch != "auto":
+        trailer.append(ScalarArg("i64", BATCH_MODES[batch]))
     rid = f"launch-{next(st.request_ids)}"
     msg = KernelLaunchMsg("kbus.lang", rid, dep.ref(), (*params, *trailer), cubes, pe, sips)
     try:
@@ -505,7 +520,7 @@ class Launcher:
     """``kernel[grid]``: call it with the kernel's arguments to get an awaitable launch.
 
     ``torch=`` names the runtime handle (or Device) when no tensor argument
-    leads to it; ``placement=`` is as for :func:`launch`. Every other keyword
+    leads to it; ``placement=`` and ``batch=`` are as for :func:`launch`. Every other keyword
     is a kernel argument (typically the constexprs).
     """
 
@@ -516,7 +531,7 @@ class Launcher:
         self.grid = grid
 
     def __call__(
-        self, *args: Any, torch: Any = None, placement: str = "spread", **kwargs: Any
+        self, *args: Any, torch: Any = None, placement: str = "spread", batch: str | None = None, **kwargs: Any
     ) -> Awaitable[LaunchResult]:
         values = self.kernel.bind(args, kwargs)
         target = torch if torch is not None else _find_target(values)
@@ -525,7 +540,7 @@ class Launcher:
                 f"kernel {self.kernel.short_name!r}: cannot tell which device to run on: no tensor argument "
                 "refers to a runtime; pass torch=<handle from kbus.open_device> (or a Device)"
             )
-        return start(target, self.kernel, self.grid, values, placement)
+        return start(target, self.kernel, self.grid, values, placement, batch)
 
     def __repr__(self) -> str:
         return f"<Launcher {self.kernel.short_name}[{self.grid!r}]>"

@@ -48,7 +48,8 @@ from ..mem import MemoryStore, PageFault, Segment
 from ..protocol import KernelLaunchMsg, KernelRef, ScalarArg, TensorArg, TensorArgShard
 from .kernel import MAX_BLOB, BlobError, Kernel, KernelId, decode_blob, lookup
 from .language import DTYPES, Pointer
-from .memory import Layout, ProgramContext
+from .batch import BatchContext, Unbatchable
+from .memory import Layout, ProgramContext, SegmentCache
 
 if TYPE_CHECKING:
     from ..hw.blocks import PeCpu
@@ -58,11 +59,14 @@ if TYPE_CHECKING:
     from ..protocol.messages import PeTarget, Targets
     from ..sim import SimFuture
 
-__all__ = ["PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
+__all__ = ["BATCH_MODES", "PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
 
 Coord = tuple[int, int, int]
 PLACEMENTS = {"spread": 0, "owner": 1}
 _PLACEMENT_NAMES = {v: k for k, v in PLACEMENTS.items()}
+BATCH_MODES = {"auto": 0, "off": 1}
+"""How a PE runs its instances: batched when the kernel allows it (``"auto"``), or one by one (``"off"``)."""
+_BATCH_NAMES = {v: k for k, v in BATCH_MODES.items()}
 
 CODE_REGION_MAX = 1 << 20
 _LANG_DIR = str(Path(__file__).resolve().parent)
@@ -135,6 +139,16 @@ class DeviceState:
         self.pe_code: dict[Coord, dict[tuple[Any, ...], Kernel]] = {}
         self.pe_fetches = 0
         self.pe_hits = 0
+        self.batched = 0
+        """PE shares of launches run batched (several instances, one run of the body)."""
+        self.per_instance = 0
+        """PE shares of launches run one instance at a time."""
+        self.fallbacks: dict[str, str] = {}
+        """Kernel name -> why its last batch attempt ran per instance instead."""
+        self.unbatchable: dict[tuple[KernelId, tuple[Any, ...]], str] = {}
+        """Kernels (with their scalar arguments) whose body cannot run batched: not tried again."""
+        self.written: dict[str, set[str]] = {}
+        """Launch request id -> names of the pointer parameters its instances stored through."""
         self.paths: dict[tuple[Coord, Coord, bool, bool], tuple[list[NetLink], list[NetLink]]] = {}
         self.stores: dict[tuple[int, int, int, bool], MemoryStore] = {}
         self.last_launch: tuple[tuple[KernelRef, tuple[Any, ...]], _Launch, npt.NDArray[np.int64] | None] | None = None
@@ -249,15 +263,24 @@ class LaunchFormatError(ValueError):
 
 
 class _Launch:
-    __slots__ = ("first_tensor", "grid", "placement", "values")
+    __slots__ = ("batch", "first_tensor", "grid", "placement", "scalars", "values")
 
     def __init__(
-        self, values: dict[str, Any], grid: tuple[int, int, int], placement: str, first_tensor: TensorArg | None
+        self,
+        values: dict[str, Any],
+        grid: tuple[int, int, int],
+        placement: str,
+        first_tensor: TensorArg | None,
+        batch: str = "auto",
+        scalars: tuple[Any, ...] = (),
     ) -> None:
         self.values = values
         self.grid = grid
         self.placement = placement
         self.first_tensor = first_tensor
+        self.batch = batch
+        self.scalars = scalars
+        """Every scalar argument of the launch (with the grid): what a kernel's control flow may depend on."""
 
 
 _INT_OF_SIZE: dict[int, np.dtype[Any]] = {2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
@@ -350,9 +373,18 @@ def decode_launch(kern: Kernel, args: tuple[Any, ...], page_size: int) -> _Launc
     placement = _PLACEMENT_NAMES.get(code)
     if placement is None:
         raise LaunchFormatError(f"args[{pos}]: unknown placement code {code}")
+    batch = "auto"
+    if rd.i < len(args):
+        pos = rd.i
+        code = rd.int("batch", 0)
+        found = _BATCH_NAMES.get(code)
+        if found is None:
+            raise LaunchFormatError(f"args[{pos}]: unknown batch mode code {code}")
+        batch = found
     if rd.i != len(args):
-        raise LaunchFormatError(f"{len(args) - rd.i} unexpected args after args[{rd.i - 1}] (placement)")
-    return _Launch(values, grid, placement, first)
+        raise LaunchFormatError(f"{len(args) - rd.i} unexpected args after args[{rd.i - 1}] (batch mode)")
+    scalars = tuple((a.dtype, a.value) for a in args if isinstance(a, ScalarArg))
+    return _Launch(values, grid, placement, first, batch, scalars)
 
 
 def my_instances(cpu: PeCpu, msg: KernelLaunchMsg, launch: _Launch, owners: npt.NDArray[np.int64] | None) -> list[int]:
@@ -423,18 +455,27 @@ def _user_frame(exc: BaseException) -> str:
     return f" [at {best}]" if best else ""
 
 
-async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, st: DeviceState) -> str | None:
-    """Run one program instance synchronously, then sleep until its accounted end; return an error or None."""
-    sim = cpu.sim
-    dev = cpu.device
+def _pid(launch: _Launch, linear: int) -> tuple[int, int, int]:
     g0, g1, _ = launch.grid
-    pid = (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
-    start = sim.now
+    return (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
+
+
+def _context(cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState,
+             cache: SegmentCache) -> ProgramContext:
+    dev = cpu.device
     node = dev.pes[cpu.sip][cpu.cube][cpu.pe]
-    ctx = ProgramContext(dev, node, kern.short_name, pid, launch.grid, start, st.paths, st.stores)
-    tracer = sim.tracer
+    return ProgramContext(dev, node, kern.short_name, pid, launch.grid, cpu.sim.now, st.paths, st.stores, cache)
+
+
+async def _run_instance(
+    cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, st: DeviceState, cache: SegmentCache, written: set[str]
+) -> str | None:
+    """Run one program instance synchronously, then sleep until its accounted end; return an error or None."""
+    pid = _pid(launch, linear)
+    ctx = _context(cpu, kern, launch, pid, st, cache)
+    tracer = cpu.sim.tracer
     if tracer is not None:
-        tracer.emit("kernel", kern.short_name, cpu.name, start, None, {"program_id": list(pid)})
+        tracer.emit("kernel", kern.short_name, cpu.name, ctx.start, None, {"program_id": list(pid)})
     error: str | None = None
     head = f"{cpu.name}: kernel {kern.short_name!r} program {pid}"
     with ctx:
@@ -450,11 +491,20 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
         except Exception as exc:
             error = f"{head} raised {type(exc).__name__}: {exc}{_user_frame(exc)}"
         ctx.flush_compute()
+    written |= ctx.stored
+    await _replay(cpu, kern, ctx, error)
+    return error
+
+
+async def _replay(cpu: PeCpu, kern: Kernel, ctx: ProgramContext, error: str | None) -> None:
+    """Pay an executed instance's timeline in virtual time; busy time and the trace span."""
+    start = ctx.start
     end = await ctx.replay()
     # The whole instance occupies the PE_CPU: count it as busy time, reported once.
     cpu.busy_ps += end - start
     if cpu.on_busy is not None:
         cpu.on_busy(cpu, start, end, f"kernel {kern.short_name}")
+    tracer = cpu.sim.tracer
     if tracer is not None:
         tracer.emit(
             "kernel",
@@ -463,7 +513,7 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
             start,
             end - start,
             {
-                "program_id": list(pid),
+                "program_id": list(ctx.pid),
                 "flops": ctx.flops_total,
                 "bytes_loaded": ctx.bytes_loaded,
                 "bytes_stored": ctx.bytes_stored,
@@ -471,9 +521,35 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
                 "error": error,
             },
         )
-    return error
 
 
+def _batch(
+    cpu: PeCpu, kern: Kernel, launch: _Launch, ids: list[int], st: DeviceState, cache: SegmentCache, written: set[str]
+) -> list[ProgramContext] | str:
+    """Run the body once for all ``ids`` (see :mod:`kbus.lang.batch`): their executed contexts, or why not.
+
+    On any failure nothing is left behind: the batch's stores are undone and
+    its translations uncharged, so the instances can run one by one.
+    """
+    if cpu.device.pes[cpu.sip][cpu.cube][cpu.pe].engine.tlb_entries:
+        return "the PE's DMA engine has a TLB, whose state depends on the order of translations"
+    pids = [_pid(launch, i) for i in ids]
+    contexts = [_context(cpu, kern, launch, pid, st, cache) for pid in pids]
+    data = _context(cpu, kern, launch, pids[0], st, cache)
+    bctx = BatchContext(contexts, np.array(pids, dtype=np.int64), cache, data)
+    try:
+        with bctx:
+            result = kern.fn(**launch.values)
+            if result is not None:
+                raise Unbatchable(f"the kernel returned a {type(result).__name__}")
+            bctx.finish()
+    except Exception as exc:
+        bctx.abort()
+        if isinstance(exc, Unbatchable):
+            return str(exc) + _user_frame(exc)
+        return f"an instance raised {type(exc).__name__}: {exc}{_user_frame(exc)} (each instance runs alone to report it)"
+    written |= bctx.stored
+    return contexts
 def _decoded(
     cpu: PeCpu, kern: Kernel, msg: KernelLaunchMsg, st: DeviceState
 ) -> tuple[_Launch, npt.NDArray[np.int64] | None]:
@@ -506,8 +582,35 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
         ids = my_instances(cpu, msg, launch, owners)
     except (LaunchFormatError, ValueError) as exc:
         return f"{cpu.name}: kernel {kern.short_name!r}: malformed launch: {exc}", None
+    cache = SegmentCache(cpu.device.pes[cpu.sip][cpu.cube][cpu.pe])
+    written = st.written.setdefault(msg.request_id, set())
+    if len(ids) > 1 and launch.batch == "auto":
+        key = (kern.id, launch.scalars)
+        reason = st.unbatchable.get(key)
+        if reason is None:
+            outcome = _batch(cpu, kern, launch, ids, st, cache, written)
+            if isinstance(outcome, list):
+                st.batched += 1
+                tracer = cpu.sim.tracer
+                for ctx in outcome:
+                    ctx.start = cpu.sim.now
+                    if tracer is not None:
+                        tracer.emit("kernel", kern.short_name, cpu.name, ctx.start, None,
+                                    {"program_id": list(ctx.pid), "batched": len(ids)})
+                    await _replay(cpu, kern, ctx, None)
+                return None, len(ids)
+            reason = outcome
+            if not reason.startswith("an instance raised") and not reason.startswith("programs "):
+                st.unbatchable[key] = reason  # a property of the code: do not try again
+        st.fallbacks[kern.short_name] = reason
+        tracer = cpu.sim.tracer
+        if tracer is not None:
+            tracer.emit("kernel", kern.short_name, cpu.name, cpu.sim.now, None,
+                        {"batch_fallback": reason, "instances": len(ids)})
+    if ids:
+        st.per_instance += 1
     for linear in ids:
-        error = await _run_instance(cpu, kern, launch, linear, st)
+        error = await _run_instance(cpu, kern, launch, linear, st, cache, written)
         if error is not None:
             return error, None
     return None, len(ids)
