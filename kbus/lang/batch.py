@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .memory import Layout, ProgramContext, SegmentCache, _current
+from ..mem import PageFault, Segment
+from .memory import SPAN_LIMIT, SPAN_SPARSITY, Layout, ProgramContext, SegmentCache, _Access, _current
 
 if TYPE_CHECKING:
     from ..mem import MemoryStore
@@ -54,6 +55,8 @@ I64Array = npt.NDArray[np.int64]
 _PY, _ARR, _TILE = 0, 1, 2
 """What a batched value is in each instance: a Python scalar (weak type, free arithmetic), a plain
 numpy scalar or array (free), or a :class:`~kbus.lang.language.Tile` (counted)."""
+
+_NO_INDEX = np.empty(0, dtype=np.int64)
 
 PRECISE_LIMIT = 4_000_000
 """Above this many interval pairs, the conflict check compares the addresses of every access."""
@@ -516,15 +519,34 @@ class BatchContext:
         n_access = len(self._spans)
         self._spans.append((write, nz.astype(np.int64), lo, hi, n_access))
         self._lanes.append((addrs, inst, itemsize))
-        for i in nz.tolist():
+        cache = self.cache
+        span = hi - lo
+        # An instance's own run translates its span in one piece when it is compact (see
+        # ProgramContext._locate): then its segments are the span's, and its lanes need no sorting.
+        compact = (span <= SPAN_LIMIT) | (span <= SPAN_SPARSITY * counts[nz] * itemsize)
+        ends = starts + counts[nz]
+        for j, i in enumerate(nz.tolist()):
             ctx = self.contexts[i]
-            lanes = flat[i] if fm is None else flat[i][fm[i]]
-            acc = ctx._locate(layout, lanes, what)
-            ctx._book(acc, itemsize, write=write)
-            if write:
-                ctx.bytes_stored += lanes.size * itemsize
+            n = int(counts[i])
+            segs: list[Segment] | None = None
+            if compact[j]:
+                try:
+                    segs, cost = cache.translate(int(lo[j]), int(span[j]))
+                except PageFault:
+                    segs = None  # a hole between lanes: the instance's own path sorts it out
+            if segs is None:
+                lanes = flat[i] if fm is None else flat[i][fm[i]]
+                acc = ctx._locate(layout, lanes, what)
+                ctx._book(acc, itemsize, write=write)
             else:
-                ctx.bytes_loaded += lanes.size * itemsize
+                ctx._xlate = cost
+                acc = _Access(int(span[j]), [(seg, 0) for seg in segs], _NO_INDEX, layout, _NO_INDEX,
+                              addrs[int(starts[j]) : int(ends[j])])
+                ctx._book(acc, itemsize, write=write, counts=[n] if len(segs) == 1 else None)
+            if write:
+                ctx.bytes_stored += n * itemsize
+            else:
+                ctx.bytes_loaded += n * itemsize
 
     def load_batched(
         self, layout: Layout, offsets: I64Array, mask: npt.NDArray[np.bool_] | None, other: Any, what: str
