@@ -123,11 +123,12 @@ class Kernel:
     plain helper function.
     """
 
-    def __init__(self, fn: Callable[..., Any], batch: str = "auto") -> None:
-        if batch not in ("auto", "off"):
+    def __init__(self, fn: Callable[..., Any], batch: str | None = None) -> None:
+        if batch not in (None, "auto", "off"):
             raise ValueError(f"@kbus.kernel: batch must be 'auto' or 'off', got {batch!r}")
         self.batch = batch
-        """Default batch mode of its launches (``"auto"`` or ``"off"``; see :mod:`kbus.lang.batch`)."""
+        """Batch mode of its launches unless a launch says otherwise (``"auto"``, ``"off"``, or None:
+        ``$KBUS_LANG_BATCH``, else ``"auto"``; see :mod:`kbus.lang.batch`)."""
         if not inspect.isfunction(fn):
             raise TypeError(f"@kbus.kernel decorates a plain Python function, got {type(fn).__name__}")
         if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -211,18 +212,21 @@ class Kernel:
 
 
 @overload
-def kernel(fn: Callable[..., Any], *, batch: str = "auto") -> Kernel: ...
+def kernel(fn: Callable[..., Any], *, batch: str | None = None) -> Kernel: ...
 
 
 @overload
-def kernel(fn: None = None, *, batch: str = "auto") -> Callable[[Callable[..., Any]], Kernel]: ...
+def kernel(fn: None = None, *, batch: str | None = None) -> Callable[[Callable[..., Any]], Kernel]: ...
 
 
-def kernel(fn: Callable[..., Any] | None = None, *, batch: str = "auto") -> Kernel | Callable[[Callable[..., Any]], Kernel]:
+def kernel(
+    fn: Callable[..., Any] | None = None, *, batch: str | None = None
+) -> Kernel | Callable[[Callable[..., Any]], Kernel]:
     """Decorator: turn a plain function into a launchable :class:`Kernel` (``@kbus.kernel``).
 
     ``@kbus.kernel(batch="off")`` makes its launches run one instance at a
-    time unless a launch says otherwise (``batch="auto"`` is the default; see
+    time unless a launch says otherwise; without it, the environment variable
+    ``KBUS_LANG_BATCH`` (``auto`` or ``off``) decides, else ``"auto"`` (see
     :mod:`kbus.lang.batch`).
     """
     if fn is None:

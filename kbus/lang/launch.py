@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import os
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,12 @@ class KernelCacheInfo:
     ``hits``/``misses``: launches that found / did not find their kernel
     deployed; ``deployments``: code blobs written; ``pe_fetches``: blobs a PE
     read from device memory (once per PE and deployment); ``pe_hits``:
-    launches a PE served from its code cache; ``kernels``: deployments live.
+    launches a PE served from its code cache; ``kernels``: deployments live;
+    ``batched``: PE shares of launches whose instances ran as one batched run
+    of the body; ``per_instance``: PE shares run one instance at a time;
+    ``fallbacks``: for each kernel (short name) that could have batched but
+    ran per instance, the reason of its latest fallback (see
+    :mod:`kbus.lang.batch`).
     """
 
     hits: int
@@ -112,6 +118,9 @@ class KernelCacheInfo:
     pe_fetches: int
     pe_hits: int
     kernels: int
+    batched: int = 0
+    per_instance: int = 0
+    fallbacks: dict[str, str] = attrs.field(factory=dict)
 
 
 def device_of(target: Any) -> Device:
@@ -143,7 +152,17 @@ def _find_target(values: dict[str, Any]) -> Any:
 def kernel_cache_info(target: Any) -> KernelCacheInfo:
     """Program cache counters of the device of ``target`` (a runtime handle or a Device)."""
     st = state_of(device_of(target))
-    return KernelCacheInfo(st.hits, st.misses, st.deployments, st.pe_fetches, st.pe_hits, len(st.programs))
+    return KernelCacheInfo(
+        st.hits,
+        st.misses,
+        st.deployments,
+        st.pe_fetches,
+        st.pe_hits,
+        len(st.programs),
+        st.batched,
+        st.per_instance,
+        dict(st.fallbacks),
+    )
 
 
 # ------------------------------------------------------------------ deploy
@@ -312,6 +331,11 @@ def _pack(kern: Kernel, values: dict[str, Any]) -> tuple[list[Any], TensorArg | 
     return args, first
 
 
+def _default_batch() -> str:
+    """The batch mode of launches and kernels that name none: ``$KBUS_LANG_BATCH``, else ``"auto"``."""
+    return os.environ.get("KBUS_LANG_BATCH", "auto") or "auto"
+
+
 def _failure(kern: Kernel, exc: DeviceError) -> KernelError:
     responses: tuple[ResponseMsg, ...] = exc.responses
     failed = [r for r in responses if not r.success]
@@ -345,7 +369,8 @@ def queue_launch(
     argument; see :mod:`kbus.lang.runner`). ``batch`` is ``"auto"`` (a PE runs
     its instances as one batched run of the body when the kernel allows it,
     see :mod:`kbus.lang.batch`) or ``"off"`` (one instance at a time); None
-    takes the kernel's own setting. Results and virtual times are the same
+    takes the kernel's own setting (``@kbus.kernel(batch=...)``), else the
+    environment variable ``KBUS_LANG_BATCH``, else ``"auto"``. Results and virtual times are the same
     either way. Host-side mistakes raise here;
     awaiting raises :class:`kbus.KernelError` if any instance failed. See
     :func:`start` for how the launch is ordered with other work.
@@ -389,7 +414,7 @@ def start(
     name = kern.short_name
     if placement not in PLACEMENTS:
         raise ValueError(f"kernel {name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    mode = kern.batch if batch is None else batch
+    mode = batch if batch is not None else kern.batch if kern.batch is not None else _default_batch()
     if mode not in BATCH_MODES:
         raise ValueError(f"kernel {name!r}: batch must be one of {', '.join(BATCH_MODES)}, got {mode!r}")
     device = device_of(target)
