@@ -28,7 +28,6 @@ import hashlib
 import math
 import operator
 import os
-import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ import numpy as np
 
 from ..errors import DeviceError, KernelError, OutOfDeviceMemory
 from ..hw.device import Device
+from ..runtime.queue import observe
 from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
 from .kernel import Kernel
 from .language import dtype_name
@@ -430,26 +430,33 @@ def start(
         try:
             return await _send(device, kern, dims, params, first, placement, mode)
         except (DeviceError, OutOfDeviceMemory) as exc:
-            return exc  # the launch's own failure: reported to its awaiter, not to the tensors
+            return exc  # the launch's own failure: its awaiter and the tensors it stored to get it
+
+    def failure(outcome: LaunchResult | BaseException) -> tuple[BaseException, list[Any]] | None:
+        if not isinstance(outcome, BaseException):
+            return None
+        stored = getattr(outcome, "kbus_stored", ())
+        return outcome, [values[p] for p in stored if p in values and _is_tensor(values[p])]
 
     writes = list({id(t): t for t in tensors}.values())
-    return LaunchHandle(submit(work, writes=writes, label=label), label)
+    return LaunchHandle(submit(work, writes=writes, label=label, failure=failure), label)
 
 
 class LaunchHandle:
     """A launch queued on a runtime's work queue: ``await`` it for the :class:`LaunchResult`.
 
     Awaiting raises the launch's :class:`kbus.KernelError` if it failed. A
-    failed launch whose handle is dropped without being awaited warns
-    (``RuntimeWarning``), as asyncio does for a failed future nobody read,
-    because its tensor arguments do not carry the failure.
+    failed launch also fails the tensors its instances stored to (awaiting
+    one raises the same error; work queued on one fails naming it); the
+    other tensor arguments stay usable. A failure nobody observed this way
+    is raised by ``torch.synchronize()`` and at device close, and warns
+    (``RuntimeWarning``) if it is never observed at all.
     """
 
-    __slots__ = ("_future", "_seen", "label")
+    __slots__ = ("_future", "label")
 
     def __init__(self, future: Any, label: str) -> None:
         self._future = future
-        self._seen = False
         self.label = label
 
     def done(self) -> bool:
@@ -460,23 +467,16 @@ class LaunchHandle:
         return self._wait().__await__()
 
     async def _wait(self) -> LaunchResult:
-        self._seen = True
-        outcome = await self._future
+        try:
+            outcome = await self._future
+        except Exception as exc:  # the command itself failed (an input was unavailable)
+            observe(exc)
+            raise
         if isinstance(outcome, BaseException):
+            observe(outcome)
             raise outcome
         result: LaunchResult = outcome
         return result
-
-    def __del__(self) -> None:
-        fut = self._future
-        if self._seen or not fut.done():
-            return
-        try:
-            outcome = fut.result()
-        except BaseException as exc:  # the command itself failed (an input was unavailable)
-            outcome = exc
-        if isinstance(outcome, BaseException):
-            warnings.warn(f"{self.label} failed and was never awaited: {outcome}", RuntimeWarning, stacklevel=1)
 
     def __repr__(self) -> str:
         return f"<LaunchHandle {self.label} {'done' if self.done() else 'pending'}>"
@@ -533,7 +533,11 @@ async def _send(
         corrupt = any("bad code blob" in (r.error or "") for r in exc.responses if not r.success)
         if corrupt and st.programs.get(kern.id) is dep:
             del st.programs[kern.id]  # the next launch deploys a fresh copy
-        raise _failure(kern, exc) from None
+        err = _failure(kern, exc)
+        err.kbus_stored = tuple(sorted(st.written.get(rid, ())))  # type: ignore[attr-defined]
+        raise err from None
+    finally:
+        st.written.pop(rid, None)
     ran = sum(int(r.value or 0) for r in responses)
     if ran != n:
         raise KernelError(f"kernel {name!r}: the PEs ran {ran} program instances, the grid {grid} has {n}", responses)

@@ -287,7 +287,6 @@ def one_strays(x_ptr, out_ptr, bad, BLOCK: kl.constexpr):
 @pytest.mark.asyncio
 async def test_a_fault_in_one_instance_of_a_batch_reports_that_instance_exactly() -> None:
     errors: dict[str, str] = {}
-    outs: dict[str, bytes] = {}
     for mode in ("auto", "off"):
         async with kbus.open_device("tiny") as torch:
             pe0 = kbus.Shard(dim=0, targets=[(0, 0, 0)])
@@ -296,13 +295,12 @@ async def test_a_fault_in_one_instance_of_a_batch_reports_that_instance_exactly(
             with pytest.raises(kbus.KernelError) as info:
                 await one_strays[(4,)](xt, out, 2, BLOCK=1024, placement="owner", batch=mode)
             errors[mode] = str(info.value)
-            outs[mode] = (await out.numpy()).tobytes()
             va = xt.addr + (2 * 1024 + (1 << 40)) * 4
+            # Programs 0 and 1 stored to out before program 2 faulted: out carries the failure, x does not.
+            np.testing.assert_array_equal(await xt.numpy(), np.arange(4096, dtype=np.float32))
+            with pytest.raises(kbus.KernelError, match="unavailable because an earlier command failed"):
+                await out.numpy()
     assert errors["auto"] == errors["off"]
-    assert outs["auto"] == outs["off"]  # programs 0 and 1 stored, 2 faulted, 3 never ran
-    expect = np.zeros(4096, np.float32)
-    expect[:2048] = np.arange(2048) + 1
-    assert np.frombuffer(outs["auto"], np.float32).tolist() == expect.tolist()
     msg = errors["auto"]
     assert "kernel 'one_strays'" in msg and "program (2, 0, 0)" in msg and "sip0.cube0.pe0" in msg
     assert f"VA {va:#x}" in msg and "kl.load from x_ptr" in msg
