@@ -431,17 +431,20 @@ class TensorOps:
     ) -> Awaitable[Any]:
         """Run a kernel: a builtin by ``name``, or a :func:`kbus.kernel` over ``grid``.
 
-        Builtins: ``torch.launch("add", a, b, out, targets=...)``; ``targets``
+        Builtins: ``torch.launch("add", out, a, b, targets=...)``; ``targets``
         is None (every PE) or PE coordinates / global PE indices. Tensor
-        arguments are encoded as in :mod:`kbus.runtime.builtins`; the launch
-        waits for every tensor argument, and since the kernel may write them,
-        later work on them waits for the launch. ``await`` the result for the
-        responses; a failure raises :class:`~kbus.KernelError`.
+        arguments are encoded as in :mod:`kbus.runtime.builtins`, whose
+        kernels take their output first: the launch waits for every tensor
+        argument, later work on the output (the first tensor argument) waits
+        for it, and so do later writes to the others. ``await`` the result
+        for the responses; a failure raises :class:`~kbus.KernelError` and
+        fails the output only (the inputs stay usable).
 
         Kernels of the kernel language: ``await torch.launch(kern, grid=(g0,),
         args=(x, y, out, n), BLOCK=256)`` (``args=`` or positional arguments,
-        constexprs as keywords, ``placement="spread" | "owner"``) — the same
-        as ``kern[grid](x, y, out, n, BLOCK=256)``.
+        constexprs as keywords, ``placement="spread" | "owner"``,
+        ``batch="auto" | "off"``) — the same as
+        ``kern[grid](x, y, out, n, BLOCK=256)``.
         """
         if not isinstance(name, str):
             from ..lang import Kernel, queue_launch
