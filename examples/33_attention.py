@@ -6,7 +6,7 @@ What this shows, in order:
    scores ``Q·Kᵀ`` of a block of query rows against a block of keys
    (``kl.dot`` with a transposed tile), their row softmax, and the product
    with the values, accumulated over key blocks;
-2. the *online* softmax: a running row max ``m`` and row sum ``l`` rescale the
+2. the *online* softmax: a running row max ``m`` and row sum ``total`` rescale the
    accumulator whenever a later key block raises the max, so the whole score
    row never has to be held at once (the idea behind FlashAttention);
 3. masks on two axes: ragged query blocks (rows past ``S``) are neither read
@@ -38,7 +38,7 @@ def attention(q_ptr, k_ptr, v_ptr, o_ptr, S, scale, D: kl.constexpr, BM: kl.cons
     row_ok = rows[:, None] < S
     q = kl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=row_ok, other=0.0)
     m = kl.full((BM,), -np.inf, kl.float32)  # running row max of the scores
-    l = kl.zeros((BM,), kl.float32)  # running row sum of exp(score - m)
+    total = kl.zeros((BM,), kl.float32)  # running row sum of exp(score - m)
     acc = kl.zeros((BM, D), kl.float32)
     for start in range(0, S, BN):
         keys = start + kl.arange(0, BN)
@@ -49,10 +49,10 @@ def attention(q_ptr, k_ptr, v_ptr, o_ptr, S, scale, D: kl.constexpr, BM: kl.cons
         m_new = kl.maximum(m, kl.max(s, axis=1))
         alpha = kl.exp(m - m_new)  # how much the old accumulator shrinks under the new max
         p = kl.exp(s - m_new[:, None])
-        l = l * alpha + kl.sum(p, axis=1)
+        total = total * alpha + kl.sum(p, axis=1)
         acc = kl.dot(p, v, acc * alpha[:, None])
         m = m_new
-    kl.store(o_ptr + rows[:, None] * D + dims[None, :], acc / l[:, None], mask=row_ok)
+    kl.store(o_ptr + rows[:, None] * D + dims[None, :], acc / total[:, None], mask=row_ok)
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -71,7 +71,9 @@ async def run(preset: str) -> None:
         out = torch.empty(S, D, dtype=np.float32)
         for t in (q, k, v, out):
             await t
-        res = await attention[(kl.cdiv(S, BM),)](q, k, v, out, S, 1 / math.sqrt(D), D=D, BM=BM, BN=BN, placement="owner")
+        res = await attention[(kl.cdiv(S, BM),)](
+            q, k, v, out, S, 1 / math.sqrt(D), D=D, BM=BM, BN=BN, placement="owner"
+        )
         got = await out.numpy()
         expect = reference(qh, kh, vh)
         if not np.allclose(got, expect, rtol=1e-4, atol=1e-5):

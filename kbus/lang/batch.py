@@ -71,7 +71,7 @@ def is_batched(x: object) -> bool:
 
 
 def _ctx() -> BatchContext:
-    ctx = _current.get()
+    ctx: Any = _current.get()
     if not isinstance(ctx, BatchContext):
         raise RuntimeError("a batched value was used outside the batched run of its kernel")
     return ctx
@@ -165,7 +165,7 @@ def ufunc(uf: np.ufunc, method: str, inputs: Sequence[Any], kwargs: dict[str, An
 
 
 def _reduce(uf: np.ufunc, inputs: Sequence[Any], kwargs: dict[str, Any], what: str) -> Batched:
-    ctx = _ctx()
+
     x = inputs[0]
     if len(inputs) != 1 or type(x) is not Batched or set(kwargs) - {"axis", "keepdims", "dtype"}:
         raise Unbatchable(f"{what} with {sorted(kwargs)} is not supported batched")
@@ -263,7 +263,7 @@ class Batched:
 
     @property
     def size(self) -> int:
-        return self.data.size // self.data.shape[0]
+        return int(self.data.size // self.data.shape[0])
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -295,7 +295,9 @@ class Batched:
         ctx.flops += self.size
         return Batched(self.data.astype(as_dtype(dtype, "Tile.to"), copy=True), _TILE)
 
-    def _red(self, uf: np.ufunc, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False) -> Batched:
+    def _red(
+        self, uf: np.ufunc, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False
+    ) -> Batched:
         if out is not None:
             raise Unbatchable(f"np.{uf.__name__}.reduce with out=")
         kw: dict[str, Any] = {"keepdims": keepdims}
@@ -466,8 +468,8 @@ class BatchContext:
         b = self.size
         offs = np.broadcast_to(offsets, (b, *offsets.shape))
         m = None if mask is None else np.broadcast_to(mask, (b, *mask.shape))
-        out = self.load_batched(layout, offs, m, other, what)
-        return out[0]
+        out: npt.NDArray[Any] = self.load_batched(layout, offs, m, other, what)[0]
+        return out
 
     def store(
         self,
@@ -540,8 +542,14 @@ class BatchContext:
                 ctx._book(acc, itemsize, write=write)
             else:
                 ctx._xlate = cost
-                acc = _Access(int(span[j]), [(seg, 0) for seg in segs], _NO_INDEX, layout, _NO_INDEX,
-                              addrs[int(starts[j]) : int(ends[j])])
+                acc = _Access(
+                    int(span[j]),
+                    [(seg, 0) for seg in segs],
+                    _NO_INDEX,
+                    layout,
+                    _NO_INDEX,
+                    addrs[int(starts[j]) : int(ends[j])],
+                )
                 ctx._book(acc, itemsize, write=write, counts=[n] if len(segs) == 1 else None)
             if write:
                 ctx.bytes_stored += n * itemsize

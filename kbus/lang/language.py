@@ -326,7 +326,7 @@ def program_id(axis: SupportsIndex = 0) -> Any:
     An ``int``; in a batched run (see :mod:`kbus.lang.batch`) the ids of all
     the instances of the batch, which behaves as an int in arithmetic.
     """
-    ctx = require("kl.program_id")
+    ctx: Any = require("kl.program_id")
     if ctx.batched:
         return ctx.program_id(_axis(axis, "kl.program_id"))
     return ctx.pid[_axis(axis, "kl.program_id")]
@@ -415,13 +415,18 @@ def _lift(x: Any, nd: int, b: int) -> npt.NDArray[Any]:
 
 def _batched_parts(what: str, b: int, **parts: Any) -> list[npt.NDArray[Any]]:
     """Broadcast the parts of a batched access to one ``(B, *shape)``, as one instance would broadcast them."""
-    nd = builtins.max(_batch._lnd(v) if type(v) is not Pointer else v._offsets.ndim - v._batched for v in parts.values())
+    nd = builtins.max(
+        _batch._lnd(v) if type(v) is not Pointer else v._offsets.ndim - v._batched for v in parts.values()
+    )
     arrays = []
     for v in parts.values():
         if type(v) is Pointer:
             o = v._offsets
-            arrays.append(o.reshape(o.shape[:1] + (1,) * (nd + 1 - o.ndim) + o.shape[1:]) if v._batched else
-                          o.reshape((1,) * (nd + 1 - o.ndim) + o.shape))
+            arrays.append(
+                o.reshape(o.shape[:1] + (1,) * (nd + 1 - o.ndim) + o.shape[1:])
+                if v._batched
+                else o.reshape((1,) * (nd + 1 - o.ndim) + o.shape)
+            )
         else:
             arrays.append(_lift(v, nd, b))
     try:
@@ -513,7 +518,7 @@ def where(condition: Any, x: Any, y: Any) -> Tile:
 
 
 def _where_batched(condition: Any, x: Any, y: Any) -> Batched:
-    ctx = require("kl.where")
+    ctx: Any = require("kl.where")
     if any(type(v) is Batched and v.kind == _batch._PY for v in (x, y)):
         raise Unbatchable("kl.where on Python scalars that differ per instance")
     c = condition.data if type(condition) is Batched else np.asarray(_raw(condition))
@@ -603,7 +608,7 @@ def dot(a: Any, b: Any, acc: Any = None) -> Tile:
 def _dot_batched(a: Any, b: Any, acc: Any) -> Batched:
     """``kl.dot`` per instance: one ``matmul`` call per instance, so every product is bit-for-bit
     what the instance alone computes (a stacked matmul may sum in another order)."""
-    ctx = require("kl.dot")
+    ctx: Any = require("kl.dot")
     n = ctx.size
     xs = a.data if type(a) is Batched else np.asarray(_raw(a))
     ys = b.data if type(b) is Batched else np.asarray(_raw(b))

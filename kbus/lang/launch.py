@@ -36,8 +36,8 @@ import numpy as np
 
 from ..errors import DeviceError, KernelError, OutOfDeviceMemory
 from ..hw.device import Device
-from ..runtime.queue import observe
 from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
+from ..runtime.queue import observe
 from .kernel import Kernel
 from .language import dtype_name
 from .runner import (

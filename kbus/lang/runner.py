@@ -46,9 +46,9 @@ import numpy.typing as npt
 from ..errors import DeviceError, OutOfDeviceMemory
 from ..mem import MemoryStore, PageFault, Segment
 from ..protocol import KernelLaunchMsg, KernelRef, ScalarArg, TensorArg, TensorArgShard
+from .batch import BatchContext, Unbatchable
 from .kernel import MAX_BLOB, BlobError, Kernel, KernelId, decode_blob, lookup
 from .language import DTYPES, Pointer
-from .batch import BatchContext, Unbatchable
 from .memory import Layout, ProgramContext, SegmentCache
 
 if TYPE_CHECKING:
@@ -59,7 +59,16 @@ if TYPE_CHECKING:
     from ..protocol.messages import PeTarget, Targets
     from ..sim import SimFuture
 
-__all__ = ["BATCH_MODES", "PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
+__all__ = [
+    "BATCH_MODES",
+    "PLACEMENTS",
+    "Deployment",
+    "DeviceState",
+    "code_region",
+    "owner_of_programs",
+    "run_deployed",
+    "state_of",
+]
 
 Coord = tuple[int, int, int]
 PLACEMENTS = {"spread": 0, "owner": 1}
@@ -460,8 +469,9 @@ def _pid(launch: _Launch, linear: int) -> tuple[int, int, int]:
     return (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
 
 
-def _context(cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState,
-             cache: SegmentCache) -> ProgramContext:
+def _context(
+    cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState, cache: SegmentCache
+) -> ProgramContext:
     dev = cpu.device
     node = dev.pes[cpu.sip][cpu.cube][cpu.pe]
     return ProgramContext(dev, node, kern.short_name, pid, launch.grid, cpu.sim.now, st.paths, st.stores, cache)
@@ -547,9 +557,13 @@ def _batch(
         bctx.abort()
         if isinstance(exc, Unbatchable):
             return str(exc) + _user_frame(exc)
-        return f"an instance raised {type(exc).__name__}: {exc}{_user_frame(exc)} (each instance runs alone to report it)"
+        return (
+            f"an instance raised {type(exc).__name__}: {exc}{_user_frame(exc)} (each instance runs alone to report it)"
+        )
     written |= bctx.stored
     return contexts
+
+
 def _decoded(
     cpu: PeCpu, kern: Kernel, msg: KernelLaunchMsg, st: DeviceState
 ) -> tuple[_Launch, npt.NDArray[np.int64] | None]:
@@ -595,8 +609,14 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
                 for ctx in outcome:
                     ctx.start = cpu.sim.now
                     if tracer is not None:
-                        tracer.emit("kernel", kern.short_name, cpu.name, ctx.start, None,
-                                    {"program_id": list(ctx.pid), "batched": len(ids)})
+                        tracer.emit(
+                            "kernel",
+                            kern.short_name,
+                            cpu.name,
+                            ctx.start,
+                            None,
+                            {"program_id": list(ctx.pid), "batched": len(ids)},
+                        )
                     await _replay(cpu, kern, ctx, None)
                 return None, len(ids)
             reason = outcome
@@ -605,8 +625,14 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
         st.fallbacks[kern.short_name] = reason
         tracer = cpu.sim.tracer
         if tracer is not None:
-            tracer.emit("kernel", kern.short_name, cpu.name, cpu.sim.now, None,
-                        {"batch_fallback": reason, "instances": len(ids)})
+            tracer.emit(
+                "kernel",
+                kern.short_name,
+                cpu.name,
+                cpu.sim.now,
+                None,
+                {"batch_fallback": reason, "instances": len(ids)},
+            )
     if ids:
         st.per_instance += 1
     for linear in ids:

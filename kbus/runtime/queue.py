@@ -116,9 +116,11 @@ class FailureReport:
         return False
 
     def __await__(self) -> Generator[Any, None, None]:
+        return self._raise().__await__()
+
+    async def _raise(self) -> None:
         self.observe()
         raise self.error
-        yield  # a generator, so that awaiting raises inside the await
 
     def __del__(self) -> None:
         if not self.observed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -76,7 +77,9 @@ async def _ex32(torch: Any, mode: str) -> tuple[list[Any], list[Any]]:
     results, outs = [], []
     for placement in ("owner", "spread"):
         grid = (kl.cdiv(M, 32), kl.cdiv(N, 32))
-        results.append(await EX32.matmul[grid](at, bt, c, M, N, K, BM=32, BN=32, BK=64, placement=placement, batch=mode))
+        results.append(
+            await EX32.matmul[grid](at, bt, c, M, N, K, BM=32, BN=32, BK=64, placement=placement, batch=mode)
+        )
         outs.append(await c.numpy())
         np.testing.assert_allclose(outs[-1], a @ b, rtol=1e-4, atol=1e-3)
     return outs, results
@@ -348,7 +351,7 @@ async def test_batched_instances_each_cost_what_one_instance_costs(mode: str) ->
         one = cfg.compute.flops_to_ps(block) + load + cfg.compute.flops_to_ps(block) + store
         assert [e[4] for e in spans] == [one] * 4
         starts = [e[3] for e in spans]
-        assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == [one] * 3
+        assert [b - a for a, b in itertools.pairwise(starts)] == [one] * 3
         info = kl.kernel_cache_info(torch)
         assert (info.batched, info.per_instance) == ((2, 0) if mode == "auto" else (0, 2))
 
@@ -373,4 +376,3 @@ async def test_batch_option_of_kernel_and_launch() -> None:
             never_batched[(2,)](x, BLOCK=1024, batch="sometimes")
     with pytest.raises(ValueError, match="batch must be 'auto' or 'off'"):
         kbus.kernel(batch="maybe")(lambda x: None)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -90,7 +91,10 @@ async def test_unawaited_failure_is_raised_at_the_next_await_on_a_tensor_it_wrot
         gc.collect()
         with pytest.raises(kbus.KernelError, match=r"kernel 'store_then_fault' failed .* program \(0, 0, 0\) faulted"):
             await out
-        with pytest.raises(kbus.KernelError, match=r"unavailable because an earlier command failed: KernelError: kernel 'store_then_fault'"):
+        with pytest.raises(
+            kbus.KernelError,
+            match=r"unavailable because an earlier command failed: KernelError: kernel 'store_then_fault'",
+        ):
             await (out + 1).numpy()
         np.testing.assert_array_equal(await x.numpy(), np.ones(1024, np.float32))  # read, not written
         await torch.synchronize()  # observed through `out`: not raised again
@@ -106,20 +110,21 @@ async def test_unawaited_failure_is_raised_at_device_close() -> None:
 
 @pytest.mark.asyncio
 async def test_unobserved_failure_warns_naming_the_kernel() -> None:
-    with pytest.warns(RuntimeWarning, match=r"KernelError\(\"kernel 'fault' failed"):
-        with pytest.raises(ZeroDivisionError):
-            async with kbus.open_device("tiny") as torch:
-                x = torch.tensor(np.ones(16, np.float32))
-                fault[(1,)](x)
-                await x
-                1 / 0  # noqa: B018  # the body fails first: closing can only warn about the launch
+    with pytest.warns(RuntimeWarning, match=r"KernelError\(\"kernel 'fault' failed"), pytest.raises(ZeroDivisionError):
+        async with kbus.open_device("tiny") as torch:
+            x = torch.tensor(np.ones(16, np.float32))
+            fault[(1,)](x)
+            await x
+            1 / 0  # noqa: B018  # the body fails first: closing can only warn about the launch
 
 
 def test_a_failure_report_dropped_unobserved_warns() -> None:
     class Queue:
-        inflight: dict[object, None] = {}
+        inflight: ClassVar[dict[object, None]] = {}
 
-    report = FailureReport(Queue(), kbus.KernelError("kernel 'k' failed on 1 of 1 PE(s): boom", ()), "kernel k[1, 1, 1]")
+    report = FailureReport(
+        Queue(), kbus.KernelError("kernel 'k' failed on 1 of 1 PE(s): boom", ()), "kernel k[1, 1, 1]"
+    )
     assert Queue.inflight == {report: None}
     Queue.inflight.clear()
     with pytest.warns(RuntimeWarning, match=r"kernel k\[1, 1, 1\] failed and nothing observed it: kernel 'k' failed"):
