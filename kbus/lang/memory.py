@@ -66,7 +66,7 @@ from ..protocol import TensorArgShard
 
 if TYPE_CHECKING:
     from ..hw.device import Device, PeNode
-    from ..hw.dma import Transfer
+    from ..hw.dma import DmaEngine, Transfer
     from ..hw.network import NetLink
 
 __all__ = ["Layout", "ProgramContext", "SegmentCache", "current", "require"]
@@ -384,7 +384,8 @@ class ProgramContext:
         self._token: Any = None
         self.stored: set[str] = set()
         """Names of the pointers this instance stored through."""
-        self._translator = translator if translator is not None else SegmentCache(node)
+        # Translations go to the PE's DMA engine, or to a launch's segment table (same answers and costs).
+        self._translator: SegmentCache | DmaEngine = translator if translator is not None else node.engine
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> ProgramContext:

@@ -470,15 +470,22 @@ def _pid(launch: _Launch, linear: int) -> tuple[int, int, int]:
 
 
 def _context(
-    cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState, cache: SegmentCache
+    cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState, cache: SegmentCache | None
 ) -> ProgramContext:
+    """An instance's context; ``cache`` None translates through the PE's DMA engine directly."""
     dev = cpu.device
     node = dev.pes[cpu.sip][cpu.cube][cpu.pe]
     return ProgramContext(dev, node, kern.short_name, pid, launch.grid, cpu.sim.now, st.paths, st.stores, cache)
 
 
 async def _run_instance(
-    cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, st: DeviceState, cache: SegmentCache, written: set[str]
+    cpu: PeCpu,
+    kern: Kernel,
+    launch: _Launch,
+    linear: int,
+    st: DeviceState,
+    cache: SegmentCache | None,
+    written: set[str],
 ) -> str | None:
     """Run one program instance synchronously, then sleep until its accounted end; return an error or None."""
     pid = _pid(launch, linear)
@@ -596,12 +603,12 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
         ids = my_instances(cpu, msg, launch, owners)
     except (LaunchFormatError, ValueError) as exc:
         return f"{cpu.name}: kernel {kern.short_name!r}: malformed launch: {exc}", None
-    cache = SegmentCache(cpu.device.pes[cpu.sip][cpu.cube][cpu.pe])
     written = st.written.setdefault(msg.request_id, set())
     if len(ids) > 1 and launch.batch == "auto":
         key = (kern.id, launch.scalars)
         reason = st.unbatchable.get(key)
         if reason is None:
+            cache = SegmentCache(cpu.device.pes[cpu.sip][cpu.cube][cpu.pe])
             outcome = _batch(cpu, kern, launch, ids, st, cache, written)
             if isinstance(outcome, list):
                 st.batched += 1
@@ -636,7 +643,7 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
     if ids:
         st.per_instance += 1
     for linear in ids:
-        error = await _run_instance(cpu, kern, launch, linear, st, cache, written)
+        error = await _run_instance(cpu, kern, launch, linear, st, None, written)
         if error is not None:
             return error, None
     return None, len(ids)
