@@ -5,7 +5,8 @@ PE_CPU calls :func:`run_deployed` (installed as ``Device.deployed_resolver``).
 It fetches the code blob by DMA (unless this PE has it cached), checks it,
 resolves it to a registered :class:`~kbus.lang.kernel.Kernel`, decodes the
 arguments, works out which program instances are its own from the message
-alone, and runs them one after another.
+alone, and runs them: as one batched run of the body when it can (see
+:mod:`~kbus.lang.batch`), else one after another.
 
 Wire layout of a launch's ``args``: one group per kernel parameter, in
 signature order, then the launch values. The groups follow the argument
@@ -18,6 +19,7 @@ builtin kernels and this language::
     constexpr value) for a Python number (bools travel as "int" 0/1)
     then      ScalarArg("i64", grid0), ("i64", grid1), ("i64", grid2),
               ScalarArg("i64", placement)                                  # 0 spread, 1 owner
+    optional  ScalarArg("i64", batch mode)                                 # 1 off; absent: auto
 
 Placement (which PE runs program instance ``i``, linear id
 ``pid0 + g0 * (pid1 + g1 * pid2)``):
