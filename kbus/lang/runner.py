@@ -579,7 +579,8 @@ def _decoded(
     """The launch's values and, for owner placement, the owner of each pid0 (memoized per message)."""
     key = (msg.kernel_ref, msg.args)
     last = st.last_launch
-    if last is not None and (last[0] is key or last[0] == key):
+    # The PEs of one launch usually hold the very same message objects: compare by identity first.
+    if last is not None and ((last[0][0] is key[0] and last[0][1] is key[1]) or last[0] == key):
         return last[1], last[2]
     launch = decode_launch(kern, msg.args, cpu.device.config.memory.page_size)
     owners = None

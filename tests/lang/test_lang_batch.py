@@ -167,6 +167,47 @@ async def _tk_python_loops(torch: Any, mode: str) -> tuple[list[Any], list[Any]]
     return [got], [r]
 
 
+@kbus.kernel
+def mix(x_ptr, w_ptr, out_ptr, stats_ptr, n_rows, alpha, R: kl.constexpr, C: kl.constexpr):
+    """Much of the language at once: program-id arithmetic, weak Python scalars, 2-D tiles, reductions,
+    transposes, reshapes, basic indexing, numpy ufuncs, kl.where/dot/minimum, helper kernels."""
+    pid = kl.program_id(0)
+    row0 = (pid * R) % (n_rows + R) - (pid // 7) * 0  # Python-int arithmetic on the id: free, weakly typed
+    rows = row0 + kl.arange(0, R)
+    cols = kl.arange(0, C)
+    ok = rows[:, None] < n_rows
+    x = kl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    w = kl.load(w_ptr + cols[:, None] * C + cols[None, :])  # the same for every instance
+    y = kl.dot(x, w.T) * alpha + pid  # float32 stays float32 next to Python scalars
+    y = np.maximum(y, -y.max(axis=1, keepdims=True)) + np.exp(-abs(x))
+    s = y.sum(axis=1)
+    m = kl.max(y, axis=0, keep_dims=True)
+    z = kl.where(y > m * 0.5, y, kl.minimum(y, 0.25)).reshape(R * C).reshape(R, C)
+    first = z[0, 0] + z[:, None][1, 0, 2]  # numpy scalars: free
+    z = twice_helper(z) - first + (kl.cdiv(pid + 1, 2) + 0.5)
+    kl.store(out_ptr + rows[:, None] * C + cols[None, :], z.to(kl.float32), mask=ok)
+    kl.store(stats_ptr + pid * R + kl.arange(0, R), (s - s.min()).astype(np.float32))
+
+
+@kbus.kernel
+def twice_helper(t):
+    return t + t
+
+
+async def _tk_language_mix(torch: Any, mode: str) -> tuple[list[Any], list[Any]]:
+    R, C, n_rows = 8, 16, 45
+    x = rng().standard_normal((n_rows, C)).astype(np.float32)
+    w = rng(5).standard_normal((C, C)).astype(np.float32)
+    grid = kl.cdiv(n_rows, R)
+    pe0 = kbus.Shard(dim=0, targets=[(0, 0, 0)])
+    xt, wt = torch.tensor(x, policy=pe0), torch.tensor(w, policy=pe0)
+    out, stats = torch.zeros(n_rows, C, dtype=np.float32), torch.zeros(grid * R, dtype=np.float32, policy=pe0)
+    r = await mix[(grid,)](xt, wt, out, stats, n_rows, 0.5, R=R, C=C, placement="owner", batch=mode)
+    got = await out.numpy()
+    assert np.isfinite(got).all() and got.any()
+    return [got, await stats.numpy()], [r]
+
+
 SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "ex30_vector_add": ("default", _ex30, True),
     "ex31_row_softmax": ("default", _ex31, True),
@@ -177,6 +218,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "tests_gather_scatter": ("tiny", _tk_gather_scatter, True),
     "tests_2d_tiles_and_helper_kernel": ("tiny", _tk_2d_and_helpers, True),
     "tests_python_loop_on_program_id": ("tiny", _tk_python_loops, False),
+    "tests_language_mix": ("tiny", _tk_language_mix, True),
 }
 
 
