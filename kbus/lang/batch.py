@@ -48,7 +48,7 @@ from .memory import SPAN_LIMIT, SPAN_SPARSITY, Layout, ProgramContext, SegmentCa
 if TYPE_CHECKING:
     from ..mem import MemoryStore
 
-__all__ = ["BatchContext", "Batched", "Unbatchable", "is_batched"]
+__all__ = ["BatchContext", "Batched", "Overlap", "Unbatchable", "is_batched"]
 
 I64Array = npt.NDArray[np.int64]
 
@@ -64,6 +64,10 @@ PRECISE_LIMIT = 4_000_000
 
 class Unbatchable(Exception):
     """The kernel body did something the batched form cannot reproduce exactly; the message says what."""
+
+
+class Overlap(Unbatchable):
+    """Instances of the batch touch memory another one writes (depends on the data, not only the code)."""
 
 
 def is_batched(x: object) -> bool:
@@ -452,7 +456,7 @@ class BatchContext:
             c.flush_compute()
         reason = self._conflict()
         if reason is not None:
-            raise Unbatchable(reason)
+            raise Overlap(reason)
 
     def abort(self) -> None:
         """Undo every store of the batch (newest first) and the translations it charged."""

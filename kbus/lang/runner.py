@@ -48,7 +48,7 @@ import numpy.typing as npt
 from ..errors import DeviceError, OutOfDeviceMemory
 from ..mem import MemoryStore, PageFault, Segment
 from ..protocol import KernelLaunchMsg, KernelRef, ScalarArg, TensorArg, TensorArgShard
-from .batch import BatchContext, Unbatchable
+from .batch import BatchContext, Overlap, Unbatchable
 from .kernel import MAX_BLOB, BlobError, Kernel, KernelId, decode_blob, lookup
 from .language import DTYPES, Pointer
 from .memory import Layout, ProgramContext, SegmentCache
@@ -544,14 +544,16 @@ async def _replay(cpu: PeCpu, kern: Kernel, ctx: ProgramContext, error: str | No
 
 def _batch(
     cpu: PeCpu, kern: Kernel, launch: _Launch, ids: list[int], st: DeviceState, cache: SegmentCache, written: set[str]
-) -> list[ProgramContext] | str:
+) -> list[ProgramContext] | tuple[str, bool]:
     """Run the body once for all ``ids`` (see :mod:`kbus.lang.batch`): their executed contexts, or why not.
 
-    On any failure nothing is left behind: the batch's stores are undone and
-    its translations uncharged, so the instances can run one by one.
+    Why not is ``(reason, static)``: static reasons are properties of the
+    code and its scalar arguments (trying again would fail again). On any
+    failure nothing is left behind: the batch's stores are undone and its
+    translations uncharged, so the instances can run one by one.
     """
     if cpu.device.pes[cpu.sip][cpu.cube][cpu.pe].engine.tlb_entries:
-        return "the PE's DMA engine has a TLB, whose state depends on the order of translations"
+        return "the PE's DMA engine has a TLB, whose state depends on the order of translations", True
     pids = [_pid(launch, i) for i in ids]
     contexts = [_context(cpu, kern, launch, pid, st, cache) for pid in pids]
     data = _context(cpu, kern, launch, pids[0], st, cache)
@@ -565,10 +567,11 @@ def _batch(
     except Exception as exc:
         bctx.abort()
         if isinstance(exc, Unbatchable):
-            return str(exc) + _user_frame(exc)
-        return (
+            return str(exc) + _user_frame(exc), not isinstance(exc, Overlap)
+        msg = (
             f"an instance raised {type(exc).__name__}: {exc}{_user_frame(exc)} (each instance runs alone to report it)"
         )
+        return msg, False
     written |= bctx.stored
     return contexts
 
@@ -629,10 +632,10 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
                         )
                     await _replay(cpu, kern, ctx, None)
                 return None, len(ids)
-            reason = outcome
-            if not reason.startswith("an instance raised") and not reason.startswith("programs "):
+            reason, static = outcome
+            if static:
                 st.unbatchable[key] = reason  # a property of the code: do not try again
-        st.fallbacks[kern.short_name] = reason
+        st.fallbacks[kern.short_name] = f"{cpu.name}: {reason}"
         tracer = cpu.sim.tracer
         if tracer is not None:
             tracer.emit(
@@ -641,7 +644,7 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
                 cpu.name,
                 cpu.sim.now,
                 None,
-                {"batch_fallback": reason, "instances": len(ids)},
+                {"batch_fallback": st.fallbacks[kern.short_name], "instances": len(ids)},
             )
     if ids:
         st.per_instance += 1

@@ -319,7 +319,9 @@ async def test_instances_that_share_memory_run_one_by_one(mode: str) -> None:
         info = kl.kernel_cache_info(torch)
         if mode == "auto":
             assert info.batched == 0
-            assert info.fallbacks["overlapping"].startswith("programs (0, 0, 0) and (1, 0, 0) both access VA")
+            assert info.fallbacks["overlapping"].startswith(
+                "sip0.cube0.pe0.cpu: programs (0, 0, 0) and (1, 0, 0) both access VA"
+            )
 
 
 @kbus.kernel
