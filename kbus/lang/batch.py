@@ -428,6 +428,8 @@ class BatchContext:
         self._translations = cache.engine.translations
         self.stored: set[str] = set()
         """Names of the pointers stored through."""
+        self.lanes = 0
+        """The most lanes (active or not) one instance's access had."""
         self._token: Any = None
 
     def __enter__(self) -> BatchContext:
@@ -494,6 +496,8 @@ class BatchContext:
         """Active lanes of all instances (instance-major), lanes per instance, and their offsets per instance."""
         b = self.size
         flat = offsets.reshape(b, -1)
+        if flat.shape[1] > self.lanes:
+            self.lanes = flat.shape[1]
         if mask is None:
             counts = np.full(b, flat.shape[1], dtype=np.intp)
             return flat.reshape(-1), counts, flat

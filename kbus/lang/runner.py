@@ -78,6 +78,12 @@ _PLACEMENT_NAMES = {v: k for k, v in PLACEMENTS.items()}
 BATCH_MODES = {"auto": 0, "off": 1}
 """How a PE runs its instances: batched when the kernel allows it (``"auto"``), or one by one (``"off"``)."""
 _BATCH_NAMES = {v: k for k, v in BATCH_MODES.items()}
+FIRST_BATCH = 16
+"""Instances in a PE's first batch of a launch; later batches are sized from the lanes it used."""
+BATCH_LANES = 1 << 21
+"""Lanes (all instances) a batch aims at per access: bounds the memory of its arrays."""
+MAX_BATCH = 1024
+"""Most instances in one batch."""
 
 CODE_REGION_MAX = 1 << 20
 _LANG_DIR = str(Path(__file__).resolve().parent)
@@ -544,8 +550,8 @@ async def _replay(cpu: PeCpu, kern: Kernel, ctx: ProgramContext, error: str | No
 
 def _batch(
     cpu: PeCpu, kern: Kernel, launch: _Launch, ids: list[int], st: DeviceState, cache: SegmentCache, written: set[str]
-) -> list[ProgramContext] | tuple[str, bool]:
-    """Run the body once for all ``ids`` (see :mod:`kbus.lang.batch`): their executed contexts, or why not.
+) -> BatchContext | tuple[str, bool]:
+    """Run the body once for all ``ids`` (see :mod:`kbus.lang.batch`): the batch (executed), or why not.
 
     Why not is ``(reason, static)``: static reasons are properties of the
     code and its scalar arguments (trying again would fail again). On any
@@ -573,7 +579,7 @@ def _batch(
         )
         return msg, False
     written |= bctx.stored
-    return contexts
+    return bctx
 
 
 def _decoded(
@@ -610,45 +616,54 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
     except (LaunchFormatError, ValueError) as exc:
         return f"{cpu.name}: kernel {kern.short_name!r}: malformed launch: {exc}", None
     written = st.written.setdefault(msg.request_id, set())
+    done = 0  # instances of `ids` run so far (batched)
     if len(ids) > 1 and launch.batch == "auto":
         key = (kern.id, launch.scalars)
         reason = st.unbatchable.get(key)
-        if reason is None:
+        chunk = FIRST_BATCH
+        while reason is None and len(ids) - done > 1:
+            part = ids[done : done + chunk]
             cache = SegmentCache(cpu.device.pes[cpu.sip][cpu.cube][cpu.pe])
-            outcome = _batch(cpu, kern, launch, ids, st, cache, written)
-            if isinstance(outcome, list):
+            outcome = _batch(cpu, kern, launch, part, st, cache, written)
+            if not isinstance(outcome, BatchContext):
+                reason, static = outcome
+                if static:
+                    st.unbatchable[key] = reason  # a property of the code: do not try again
+                break
+            if done == 0:
                 st.batched += 1
-                tracer = cpu.sim.tracer
-                for ctx in outcome:
-                    ctx.start = cpu.sim.now
-                    if tracer is not None:
-                        tracer.emit(
-                            "kernel",
-                            kern.short_name,
-                            cpu.name,
-                            ctx.start,
-                            None,
-                            {"program_id": list(ctx.pid), "batched": len(ids)},
-                        )
-                    await _replay(cpu, kern, ctx, None)
-                return None, len(ids)
-            reason, static = outcome
-            if static:
-                st.unbatchable[key] = reason  # a property of the code: do not try again
-        st.fallbacks[kern.short_name] = f"{cpu.name}: {reason}"
-        tracer = cpu.sim.tracer
-        if tracer is not None:
-            tracer.emit(
-                "kernel",
-                kern.short_name,
-                cpu.name,
-                cpu.sim.now,
-                None,
-                {"batch_fallback": st.fallbacks[kern.short_name], "instances": len(ids)},
-            )
-    if ids:
+            tracer = cpu.sim.tracer
+            for ctx in outcome.contexts:
+                ctx.start = cpu.sim.now
+                if tracer is not None:
+                    tracer.emit(
+                        "kernel",
+                        kern.short_name,
+                        cpu.name,
+                        ctx.start,
+                        None,
+                        {"program_id": list(ctx.pid), "batched": len(part)},
+                    )
+                await _replay(cpu, kern, ctx, None)
+            done += len(part)
+            # Next batch: as many instances as keep its arrays near BATCH_LANES lanes.
+            lanes = max(1, outcome.lanes)
+            chunk = max(2, min(MAX_BATCH, BATCH_LANES // lanes))
+        if reason is not None:
+            st.fallbacks[kern.short_name] = f"{cpu.name}: {reason}"
+            tracer = cpu.sim.tracer
+            if tracer is not None:
+                tracer.emit(
+                    "kernel",
+                    kern.short_name,
+                    cpu.name,
+                    cpu.sim.now,
+                    None,
+                    {"batch_fallback": st.fallbacks[kern.short_name], "instances": len(ids) - done},
+                )
+    if done < len(ids):
         st.per_instance += 1
-    for linear in ids:
+    for linear in ids[done:]:
         error = await _run_instance(cpu, kern, launch, linear, st, None, written)
         if error is not None:
             return error, None

@@ -420,3 +420,26 @@ async def test_batch_option_of_kernel_and_launch() -> None:
             never_batched[(2,)](x, BLOCK=1024, batch="sometimes")
     with pytest.raises(ValueError, match="batch must be 'auto' or 'off'"):
         kbus.kernel(batch="maybe")(lambda x: None)
+
+
+@pytest.mark.asyncio
+async def test_a_pe_runs_many_instances_in_batches_of_bounded_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kbus.lang.runner as runner
+
+    monkeypatch.setattr(runner, "BATCH_LANES", 4 * 1024)  # 4 instances of 1024 lanes per batch after the first
+    results: dict[str, Any] = {}
+    for mode in ("auto", "off"):
+        async with kbus.open_device("tiny") as torch:
+            pe0 = kbus.Shard(dim=0, targets=[(0, 0, 0)])
+            n = 30 * 1024
+            xt = torch.tensor(np.arange(n, dtype=np.float32), policy=pe0)
+            out = torch.zeros(n, dtype=np.float32, policy=pe0)
+            rec = _Recorder()
+            torch.sim.tracer = rec
+            r = await scale_block[(30,)](xt, out, BLOCK=1024, placement="owner", batch=mode)
+            torch.sim.tracer = None
+            sizes = [e[5].get("batched") for e in rec.events if e[0] == "kernel" and e[4] is None]
+            results[mode] = ((await out.numpy()).tobytes(), r.start_ps, r.end_ps, torch.now_ps, sizes)
+    assert results["auto"][:4] == results["off"][:4]
+    assert results["auto"][4] == [16] * 16 + [4] * 12 + [2] * 2  # 16 first, then BATCH_LANES // 1024
+    assert results["off"][4] == [None] * 30
