@@ -180,7 +180,7 @@ def mix(x_ptr, w_ptr, out_ptr, stats_ptr, n_rows, alpha, R: kl.constexpr, C: kl.
     w = kl.load(w_ptr + cols[:, None] * C + cols[None, :])  # the same for every instance
     y = kl.dot(x, w.T) * alpha + pid  # float32 stays float32 next to Python scalars
     y = np.maximum(y, -y.max(axis=1, keepdims=True)) + np.exp(-abs(x))
-    s = y.sum(axis=1)
+    s = y.sum(axis=1) + kl.sum(y, axis=0)[:R] + kl.sum(x * x)  # float sums along either axis, and of all
     m = kl.max(y, axis=0, keep_dims=True)
     z = kl.where(y > m * 0.5, y, kl.minimum(y, 0.25)).reshape(R * C).reshape(R, C)
     first = z[0, 0] + z[:, None][1, 0, 2]  # numpy scalars: free
