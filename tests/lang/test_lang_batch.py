@@ -443,3 +443,19 @@ async def test_a_pe_runs_many_instances_in_batches_of_bounded_size(monkeypatch: 
     assert results["auto"][:4] == results["off"][:4]
     assert results["auto"][4] == [16] * 16 + [4] * 12 + [2] * 2  # 16 first, then BATCH_LANES // 1024
     assert results["off"][4] == [None] * 30
+
+
+@pytest.mark.parametrize("name", ["ex33_attention", "tests_language_mix"])
+def test_batched_runs_are_the_same_on_uvloop_and_the_default_loop(name: str) -> None:
+    preset, scenario, _ = SCENARIOS[name]
+    runs = [
+        kbus.run(_run, preset, scenario, mode, use_uvloop=loop) for mode in ("auto", "off") for loop in (False, True)
+    ]
+    first = runs[0]
+    for other in runs[1:]:
+        assert (other["bytes"], other["times"], other["now"], other["dma"]) == (
+            first["bytes"],
+            first["times"],
+            first["now"],
+            first["dma"],
+        )
