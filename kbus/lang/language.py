@@ -162,15 +162,15 @@ class Tile(np.ndarray[Any, np.dtype[Any]]):
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         if method == "__call__" and not kwargs and ufunc.nout == 1:
             # The hot path (``a + b``, ``x < n``): one result, no ``out=``.
-            raw = []
-            for x in inputs:
-                t = type(x)
-                if t is Tile:
-                    x = x.view(np.ndarray)
-                elif t is Batched:  # part of a batched run: count per instance there
+            if len(inputs) == 2:
+                a, b = inputs
+                if type(a) is Batched or type(b) is Batched:  # part of a batched run: counted per instance there
                     return _batch.ufunc(ufunc, method, inputs, kwargs, op=True)
-                raw.append(x)
-            res = ufunc(*raw)
+                res = ufunc(a.view(np.ndarray) if type(a) is Tile else a, b.view(np.ndarray) if type(b) is Tile else b)
+            else:
+                if Batched in map(type, inputs):
+                    return _batch.ufunc(ufunc, method, inputs, kwargs, op=True)
+                res = ufunc(*[x.view(np.ndarray) if type(x) is Tile else x for x in inputs])
             ctx = current()
             if ctx is not None:
                 ctx.flops += res.size if type(res) is np.ndarray else 1
@@ -301,6 +301,8 @@ class Pointer(_batch._Pointerish):
         return self._with(mine + theirs if sign > 0 else mine - theirs, True)
 
     def __add__(self, other: Any) -> Pointer:
+        if not self._batched and type(other) is not Batched:  # one instance: plain offsets
+            return self._with(self._offsets + _offsets(other, f"{self._name} + ..."))
         return self._combine(other, 1, f"{self._name} + ...")
 
     __radd__ = __add__
@@ -635,7 +637,7 @@ def _dot_batched(a: Any, b: Any, acc: Any) -> Batched:
 
 
 def _apply(fn: np.ufunc, *args: Any) -> Tile:
-    if any(type(a) is Batched for a in args):
+    if type(args[0]) is Batched or (len(args) > 1 and type(args[1]) is Batched):
         res = _batch.ufunc(fn, "__call__", args, {})
         if res.kind != _batch._TILE:  # kl.exp(python_scalar) is a counted tile, unlike np.exp
             require(f"kl.{fn.__name__}").flops += res.size

@@ -23,12 +23,23 @@ measurements by up to 2x). Virtual times are printed, and checked equal
 between the two modes.
 
 Usage: ``python tools/bench/kernels.py [ROUNDS]`` (default 5).
+
+``python tools/bench/kernels.py --base DIR [PAIRS]`` compares the
+per-instance path with another kbus tree (``DIR`` holds its ``kbus``
+package, e.g. ``git archive <commit> kbus | tar -x -C DIR``): PAIRS times
+(default 3), a fresh interpreter on the base tree and one on this tree with
+``KBUS_LANG_BATCH=off`` run the three launches (3 rounds each, numpy peer
+interleaved), alternately, and the table gives this tree's wall over the
+base's per pair (min / median / max) and the virtual times of both.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -167,7 +178,75 @@ async def measure(rounds: int) -> list[list[str]]:
     return rows
 
 
+async def child(rounds: int) -> dict[str, Any]:
+    """The three launches without naming a batch mode (a base tree has none): best wall and virtual time."""
+    matmul = _example("32_tiled_matmul.py").matmul
+    softmax = _example("31_row_softmax.py").softmax
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    async with kbus.open_device("default") as torch:
+        n, s, sr, sc = 1 << 20, 512, 4096, 1024
+        xh = rng.standard_normal(n).astype(np.float32)
+        ah = rng.standard_normal((s, s)).astype(np.float32)
+        sh = rng.standard_normal((sr, sc)).astype(np.float32)
+        x, o = torch.tensor(xh), torch.empty(n, dtype=np.float32)
+        a, b, c = torch.tensor(ah), torch.tensor(ah, policy=kbus.Replicate()), torch.zeros(s, s, dtype=np.float32)
+        sx, so = torch.tensor(sh), torch.empty(sr, sc, dtype=np.float32)
+        for t in (x, o, a, b, c, sx, so):
+            await t
+        runs: dict[str, Callable[[], Any]] = {
+            "vector add": lambda: add[(n // 1024,)](x, x, o, n, BLOCK=1024, placement="owner"),
+            "tiled matmul": lambda: matmul[(s // 32, s // 32)](a, b, c, s, s, s, BM=32, BN=32, BK=64),
+            "row softmax": lambda: softmax[(sr,)](sx, so, sc, sc, BLOCK=1024, placement="owner"),
+        }
+        for name, run in runs.items():
+            await run()
+            walls = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                res = await run()
+                walls.append(time.perf_counter() - t0)
+            out[name] = (min(walls), res.duration_ps)
+    return out
+
+
+def compare(base: str, pairs: int) -> None:
+    here = str(ROOT)
+    script = str(Path(__file__).resolve())
+    per: dict[str, list[float]] = {}
+    virt: dict[str, tuple[int, int]] = {}
+    for _ in range(pairs):
+        got = []
+        for tree, extra in ((base, {}), (here, {"KBUS_LANG_BATCH": "off"})):
+            env = {**os.environ, "PYTHONPATH": tree, **extra}
+            proc = subprocess.run(
+                [sys.executable, script, "--child", "3"], env=env, capture_output=True, text=True, check=True, cwd="/"
+            )
+            got.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for name in got[0]:
+            per.setdefault(name, []).append(got[1][name][0] / got[0][name][0])
+            virt[name] = (got[0][name][1], got[1][name][1])
+    print_table(
+        f"per-instance path: this tree (batch off) against {base}, {pairs} alternating pairs, best of 3 each",
+        ["kernel", "wall, this / base: min / median / max", "virtual time base / this"],
+        [
+            [
+                name,
+                f"{min(r):.2f} / {statistics.median(r):.2f} / {max(r):.2f}",
+                f"{kbus.format_time(virt[name][0])} / {kbus.format_time(virt[name][1])}",
+            ]
+            for name, r in per.items()
+        ],
+    )
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(kbus.run(child, int(sys.argv[2]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--base":
+        compare(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+        return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     rows = kbus.run(measure, rounds)
     print_table(
