@@ -423,8 +423,8 @@ class BatchContext:
         self._undo: list[tuple[MemoryStore, int, npt.NDArray[np.uint8]]] = []
         self._spans: list[tuple[bool, I64Array, I64Array, I64Array, int]] = []
         """Per access: (write, instance of each span, lo, hi, access number)."""
-        self._lanes: list[tuple[I64Array, I64Array, int]] = []
-        """Per access: (byte VA of every active lane, its instance, itemsize)."""
+        self._lanes: list[tuple[Layout, I64Array, npt.NDArray[np.bool_] | None]] = []
+        """Per access: its layout, each instance's lane offsets and which are active (for the lane check)."""
         self._translations = cache.engine.translations
         self.stored: set[str] = set()
         """Names of the pointers stored through."""
@@ -470,11 +470,20 @@ class BatchContext:
     def load(
         self, layout: Layout, offsets: I64Array, mask: npt.NDArray[np.bool_] | None, other: Any, what: str
     ) -> npt.NDArray[Any]:
-        """An access that is the same in every instance."""
+        """An access that is the same in every instance: read once, booked for each instance."""
+        dtype = layout.dtype
+        active = offsets.reshape(-1) if mask is None else offsets[mask]
+        if active.size == 0:
+            return np.full(offsets.shape, other, dtype=dtype)
+        values = self._gather(layout, active, f"kl.load from {what}")
         b = self.size
-        offs = np.broadcast_to(offsets, (b, *offsets.shape))
-        m = None if mask is None else np.broadcast_to(mask, (b, *mask.shape))
-        out: npt.NDArray[Any] = self.load_batched(layout, offs, m, other, what)[0]
+        flat = np.broadcast_to(offsets.reshape(1, -1), (b, offsets.size))
+        fm = None if mask is None else np.broadcast_to(mask.reshape(1, -1), (b, mask.size))
+        self._book_all(layout, flat, fm, False, f"kl.load from {what}")
+        if mask is None:
+            return values.reshape(offsets.shape)
+        out = np.full(offsets.shape, other, dtype=dtype)
+        out[mask] = values
         return out
 
     def store(
@@ -490,51 +499,57 @@ class BatchContext:
         m = None if mask is None else np.broadcast_to(mask, (b, *mask.shape))
         self.store_batched(layout, offs, m, np.broadcast_to(values, (b, *values.shape)), what)
 
-    def _lanes_of(
-        self, layout: Layout, offsets: I64Array, mask: npt.NDArray[np.bool_] | None
-    ) -> tuple[I64Array, npt.NDArray[np.intp], I64Array]:
-        """Active lanes of all instances (instance-major), lanes per instance, and their offsets per instance."""
-        b = self.size
-        flat = offsets.reshape(b, -1)
-        if flat.shape[1] > self.lanes:
-            self.lanes = flat.shape[1]
-        if mask is None:
-            counts = np.full(b, flat.shape[1], dtype=np.intp)
-            return flat.reshape(-1), counts, flat
-        fm = mask.reshape(b, -1)
-        counts = np.count_nonzero(fm, axis=1)
-        return flat[fm], counts, flat
+    def _gather(self, layout: Layout, active: I64Array, what: str) -> npt.NDArray[Any]:
+        """The values at logical offsets ``active`` (translated through the segment table, charged to nobody)."""
+        data = self._data
+        acc = data._locate_data(layout, active, what, self.cache)
+        buf = np.empty(acc.nbytes, dtype=np.uint8)
+        for seg, off in acc.segs:
+            data._store(seg).read_into(seg.pa, buf[off : off + seg.nbytes])
+        values: npt.NDArray[Any] = buf.view(layout.dtype)[acc.elem_index]
+        return values
 
     def _book_all(
         self,
         layout: Layout,
         flat: I64Array,
-        mask: npt.NDArray[np.bool_] | None,
-        counts: npt.NDArray[np.intp],
-        active: I64Array,
+        fm: npt.NDArray[np.bool_] | None,
         write: bool,
         what: str,
     ) -> None:
-        """Book every instance's commands as its own run would (same lanes, translation, segments)."""
+        """Book every instance's commands as its own run would (same lanes, translation, segments).
+
+        ``flat`` holds each instance's lane offsets (one row per instance),
+        ``fm`` which lanes are active.
+        """
         self._flush()
         itemsize = layout.itemsize
-        b = self.size
-        fm = None if mask is None else mask.reshape(b, -1)
-        addrs = layout.addresses(active, what)
-        inst = np.repeat(np.arange(b, dtype=np.int64), counts)
+        b, width = flat.shape
+        if width > self.lanes:
+            self.lanes = width
+        counts = np.full(b, width, dtype=np.intp) if fm is None else np.count_nonzero(fm, axis=1)
         nz = np.flatnonzero(counts)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[nz]
-        lo = np.minimum.reduceat(addrs, starts)
-        hi = np.maximum.reduceat(addrs, starts) + itemsize
-        n_access = len(self._spans)
-        self._spans.append((write, nz.astype(np.int64), lo, hi, n_access))
-        self._lanes.append((addrs, inst, itemsize))
+        if layout.is_contiguous:  # spans from the offsets alone: no per-lane addresses
+            if fm is None:
+                lo_off, hi_off = flat.min(axis=1), flat.max(axis=1)
+            else:
+                lo_off = np.where(fm, flat, np.iinfo(np.int64).max).min(axis=1)[nz]
+                hi_off = np.where(fm, flat, np.iinfo(np.int64).min).max(axis=1)[nz]
+            lo = lo_off * itemsize + layout.va_base
+            hi = hi_off * itemsize + (layout.va_base + itemsize)
+        else:
+            active = flat.reshape(-1) if fm is None else flat[fm]
+            addrs = layout.addresses(active, what)
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[nz]
+            lo = np.minimum.reduceat(addrs, starts)
+            hi = np.maximum.reduceat(addrs, starts) + itemsize
+        self._spans.append((write, nz.astype(np.int64), lo, hi, len(self._spans)))
+        self._lanes.append((layout, flat, fm))
         cache = self.cache
         span = hi - lo
         # An instance's own run translates its span in one piece when it is compact (see
         # ProgramContext._locate): then its segments are the span's, and its lanes need no sorting.
         compact = (span <= SPAN_LIMIT) | (span <= SPAN_SPARSITY * counts[nz] * itemsize)
-        ends = starts + counts[nz]
         for j, i in enumerate(nz.tolist()):
             ctx = self.contexts[i]
             n = int(counts[i])
@@ -546,19 +561,20 @@ class BatchContext:
                     segs = None  # a hole between lanes: the instance's own path sorts it out
             if segs is None:
                 lanes = flat[i] if fm is None else flat[i][fm[i]]
-                acc = ctx._locate(layout, lanes, what)
-                ctx._book(acc, itemsize, write=write)
+                ctx._book(ctx._locate(layout, lanes, what), itemsize, write=write)
+            elif len(segs) == 1:
+                ctx._xlate = cost
+                ctx._book(
+                    _Access(int(span[j]), [(segs[0], 0)], _NO_INDEX, layout, _NO_INDEX, None),
+                    itemsize,
+                    write=write,
+                    counts=[n],
+                )
             else:
                 ctx._xlate = cost
-                acc = _Access(
-                    int(span[j]),
-                    [(seg, 0) for seg in segs],
-                    _NO_INDEX,
-                    layout,
-                    _NO_INDEX,
-                    addrs[int(starts[j]) : int(ends[j])],
-                )
-                ctx._book(acc, itemsize, write=write, counts=[n] if len(segs) == 1 else None)
+                lanes = flat[i] if fm is None else flat[i][fm[i]]
+                acc = _Access(int(span[j]), [(seg, 0) for seg in segs], _NO_INDEX, layout, lanes, None)
+                ctx._book(acc, itemsize, write=write)
             if write:
                 ctx.bytes_stored += n * itemsize
             else:
@@ -568,20 +584,17 @@ class BatchContext:
         self, layout: Layout, offsets: I64Array, mask: npt.NDArray[np.bool_] | None, other: Any, what: str
     ) -> npt.NDArray[Any]:
         """Gather for every instance: ``offsets`` and ``mask`` have the instance dimension first."""
-        dtype = layout.dtype
-        active, counts, flat = self._lanes_of(layout, offsets, mask)
+        b = self.size
+        flat = offsets.reshape(b, -1)
+        fm = None if mask is None else mask.reshape(b, -1)
+        active = flat.reshape(-1) if fm is None else flat[fm]
         if active.size == 0:
-            return np.full(offsets.shape, other, dtype=dtype)
-        data = self._data
-        acc = data._locate_data(layout, active, f"kl.load from {what}", self.cache)
-        buf = np.empty(acc.nbytes, dtype=np.uint8)
-        for seg, off in acc.segs:
-            data._store(seg).read_into(seg.pa, buf[off : off + seg.nbytes])
-        values = buf.view(dtype)[acc.elem_index]
-        self._book_all(layout, flat, mask, counts, active, False, f"kl.load from {what}")
+            return np.full(offsets.shape, other, dtype=layout.dtype)
+        values = self._gather(layout, active, f"kl.load from {what}")
+        self._book_all(layout, flat, fm, False, f"kl.load from {what}")
         if mask is None:
             return values.reshape(offsets.shape)
-        out = np.full(offsets.shape, other, dtype=dtype)
+        out = np.full(offsets.shape, other, dtype=layout.dtype)
         out[mask] = values
         return out
 
@@ -594,7 +607,10 @@ class BatchContext:
         what: str,
     ) -> None:
         """Scatter for every instance (``values`` cast and broadcast to ``offsets``)."""
-        active, counts, flat = self._lanes_of(layout, offsets, mask)
+        b = self.size
+        flat = offsets.reshape(b, -1)
+        fm = None if mask is None else mask.reshape(b, -1)
+        active = flat.reshape(-1) if fm is None else flat[fm]
         if active.size == 0:
             return
         vals = values.reshape(-1) if mask is None else values[mask]
@@ -613,7 +629,7 @@ class BatchContext:
                 self._undo.append((store, seg.pa, old[off : off + seg.nbytes]))
                 store.write(seg.pa, buf[off : off + seg.nbytes])
         self.stored.add(what)
-        self._book_all(layout, flat, mask, counts, active, True, f"kl.store to {what}")
+        self._book_all(layout, flat, fm, True, f"kl.store to {what}")
 
     # ------------------------------------------------------------ conflicts
     def _conflict(self) -> str | None:
@@ -642,10 +658,15 @@ class BatchContext:
         else:
             involved = set(access.tolist())
         writes = {s[4] for s in self._spans if s[0]}
-        unit = min(self._lanes[a][2] for a in involved)
+        unit = min(self._lanes[a][0].itemsize for a in involved)
         addr_parts, inst_parts, w_parts = [], [], []
         for a in sorted(involved):
-            addrs, owner, itemsize = self._lanes[a]
+            layout, flat, fm = self._lanes[a]
+            itemsize = layout.itemsize
+            n = flat.shape[0]
+            counts = np.full(n, flat.shape[1]) if fm is None else np.count_nonzero(fm, axis=1)
+            addrs = layout.addresses(flat.reshape(-1) if fm is None else flat[fm], "")
+            owner = np.repeat(np.arange(n, dtype=np.int64), counts)
             if itemsize != unit:
                 k = itemsize // unit
                 addrs = (addrs[:, None] + np.arange(k, dtype=np.int64) * unit).reshape(-1)
