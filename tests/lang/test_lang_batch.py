@@ -459,3 +459,28 @@ def test_batched_runs_are_the_same_on_uvloop_and_the_default_loop(name: str) -> 
             first["now"],
             first["dma"],
         )
+
+
+@kbus.kernel
+def carry(buf_ptr, BLOCK: kl.constexpr):
+    """Instance i reads block i and writes block i+1: one after another, each sees its predecessor's store."""
+    pid = kl.program_id(0)
+    offs = kl.arange(0, BLOCK)
+    y = kl.load(buf_ptr + pid * BLOCK + offs)
+    kl.store(buf_ptr + (pid + 1) * BLOCK + offs, y + 1)
+
+
+@pytest.mark.asyncio
+async def test_an_instance_reading_what_another_wrote_runs_one_by_one() -> None:
+    got: dict[str, Any] = {}
+    for mode in ("auto", "off"):
+        async with kbus.open_device("tiny") as torch:
+            pe0 = kbus.Shard(dim=0, targets=[(0, 0, 0)])
+            buf = torch.zeros(5 * 256, dtype=np.float32, policy=pe0)
+            r = await carry[(4,)](buf, BLOCK=256, placement="owner", batch=mode)
+            got[mode] = (await buf.numpy(), r.end_ps - r.start_ps, kl.kernel_cache_info(torch))
+    np.testing.assert_array_equal(got["auto"][0], np.repeat(np.arange(5, dtype=np.float32), 256))
+    np.testing.assert_array_equal(got["auto"][0], got["off"][0])
+    assert got["auto"][1] == got["off"][1]
+    info = got["auto"][2]
+    assert info.batched == 0 and "programs (0, 0, 0) and (1, 0, 0) both access VA" in info.fallbacks["carry"]
