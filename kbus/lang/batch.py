@@ -367,6 +367,20 @@ class Batched:
         return f"<batched {self.data.dtype} value of shape {self.shape} in {self.data.shape[0]} instances>"
 
 
+def _inplace(uf: np.ufunc, target: Batched, other: Any) -> Batched:
+    """``target <op>= other``: in place, as numpy does it for each instance's own array (aliases see it)."""
+    res = ufunc(uf, "__call__", (target, other), {}, op=True)
+    if target.kind == _PY:
+        return res  # Python numbers are immutable: ``pid += 1`` rebinds
+    what = f"np.{uf.__name__} in place"
+    if res.data.shape != target.data.shape:
+        raise Unbatchable(f"{what}: the result does not have the target's shape")
+    if not np.can_cast(res.data.dtype, target.data.dtype, "same_kind"):
+        raise Unbatchable(f"{what}: {res.data.dtype} cannot be cast to {target.data.dtype}")
+    target.data[...] = res.data
+    return target
+
+
 def _install_binops() -> None:
     for name, (uf, cmp) in _BINOPS.items():
 
@@ -378,9 +392,15 @@ def _install_binops() -> None:
         def rev(self: Batched, other: Any, _uf: np.ufunc = uf) -> Any:
             return ufunc(_uf, "__call__", (other, self), {}, op=True)
 
+        def inp(self: Batched, other: Any, _uf: np.ufunc = uf) -> Any:
+            if isinstance(other, _Pointerish):
+                return NotImplemented
+            return _inplace(_uf, self, other)
+
         setattr(Batched, f"__{name}__", fwd)
         if not cmp:
             setattr(Batched, f"__r{name}__", rev)
+            setattr(Batched, f"__i{name}__", inp)
 
 
 class _Pointerish:

@@ -356,14 +356,24 @@ def _shape(shape: Any, what: str) -> tuple[int, ...]:
     return out
 
 
+def _fresh(tile: Tile) -> Tile:
+    """A new tile as a kernel body gets it: in a batched run, one copy per instance (an accumulator
+    updated in place, ``acc += ...``, must stay each instance's own)."""
+    ctx: Any = current()
+    if getattr(ctx, "batched", False):
+        data = np.broadcast_to(tile.view(np.ndarray), (ctx.size, *tile.shape)).copy()
+        return Batched(data, _batch._TILE)  # type: ignore[return-value]
+    return tile
+
+
 def zeros(shape: Any, dtype: Any = float32) -> Tile:
     """A tile of zeros (``kl.zeros((BM, BN), kl.float32)``)."""
-    return np.zeros(_shape(shape, "kl.zeros"), dtype=as_dtype(dtype, "kl.zeros")).view(Tile)
+    return _fresh(np.zeros(_shape(shape, "kl.zeros"), dtype=as_dtype(dtype, "kl.zeros")).view(Tile))
 
 
 def full(shape: Any, value: Any, dtype: Any = float32) -> Tile:
     """A tile filled with ``value``."""
-    return np.full(_shape(shape, "kl.full"), value, dtype=as_dtype(dtype, "kl.full")).view(Tile)
+    return _fresh(np.full(_shape(shape, "kl.full"), value, dtype=as_dtype(dtype, "kl.full")).view(Tile))
 
 
 # ------------------------------------------------------------------ memory

@@ -208,6 +208,33 @@ async def _tk_language_mix(torch: Any, mode: str) -> tuple[list[Any], list[Any]]
     return [got, await stats.numpy()], [r]
 
 
+@kbus.kernel
+def accumulate(x_ptr, out_ptr, K: kl.constexpr, BLOCK: kl.constexpr):
+    """Triton's accumulator idiom: ``acc += ...`` in place, with an alias that must see every update."""
+    pid = kl.program_id(0)
+    acc = kl.zeros((BLOCK,), kl.float32)
+    seen = acc  # the same array: in place updates show through it
+    for k in range(K):
+        acc += kl.load(x_ptr + (pid * K + k) * BLOCK + kl.arange(0, BLOCK))
+        acc *= 0.5
+    hits = kl.full((BLOCK,), 0, kl.int32)
+    hits += (acc > 0).to(kl.int32)
+    kl.store(out_ptr + pid * BLOCK + kl.arange(0, BLOCK), seen + hits)
+
+
+async def _tk_inplace(torch: Any, mode: str) -> tuple[list[Any], list[Any]]:
+    K, B, grid = 3, 256, 12
+    x = rng().standard_normal(grid * K * B).astype(np.float32)
+    out = torch.zeros(grid * B, dtype=np.float32)
+    r = await accumulate[(grid,)](torch.tensor(x), out, K=K, BLOCK=B, batch=mode)
+    got = await out.numpy()
+    acc = np.zeros((grid, B), np.float32)
+    for k in range(K):
+        acc = (acc + x.reshape(grid, K, B)[:, k]) * np.float32(0.5)
+    np.testing.assert_array_equal(got, (acc + (acc > 0)).reshape(-1))
+    return [got], [r]
+
+
 SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "ex30_vector_add": ("default", _ex30, True),
     "ex31_row_softmax": ("default", _ex31, True),
@@ -219,6 +246,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "tests_2d_tiles_and_helper_kernel": ("tiny", _tk_2d_and_helpers, True),
     "tests_python_loop_on_program_id": ("tiny", _tk_python_loops, False),
     "tests_language_mix": ("tiny", _tk_language_mix, True),
+    "tests_inplace_accumulate": ("tiny", _tk_inplace, True),
 }
 
 
