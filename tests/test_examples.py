@@ -26,8 +26,8 @@ TIMEOUT_S = 120
 DIRTY_STDERR = ("Warning", "Task was destroyed", "never awaited", "Traceback")
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+def _run(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(extra_env or {})}
     env.pop("PYTEST_ADDOPTS", None)
     try:
         return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
@@ -52,6 +52,21 @@ def test_example_script_runs(script: Path) -> None:
     assert proc.stdout.strip(), f"{script.name} printed nothing; an example should show its results"
     dirty = [marker for marker in DIRTY_STDERR if marker in proc.stderr]
     assert not dirty, f"{script.name} wrote {dirty} to stderr:\n{proc.stderr}"
+
+
+KERNEL_SCRIPTS = [s for s in SCRIPTS if s.name.startswith("3")]
+
+
+@pytest.mark.parametrize("script", KERNEL_SCRIPTS, ids=[s.name for s in KERNEL_SCRIPTS])
+def test_kernel_example_runs_one_instance_at_a_time(script: Path) -> None:
+    # The kernel-language examples again with every launch per instance (the fallback of batched
+    # execution): same checks, same clean output. tests/lang/test_lang_batch.py compares the two runs.
+    env_mode = {"KBUS_LANG_BATCH": "off"}
+    proc = _run([sys.executable, "-W", "error::RuntimeWarning", str(script)], cwd=ROOT, extra_env=env_mode)
+    assert proc.returncode == 0, (
+        f"{script.name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
+    assert not [m for m in DIRTY_STDERR if m in proc.stderr], proc.stderr
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=[s.name for s in SUITES])

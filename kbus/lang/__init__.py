@@ -18,6 +18,7 @@ time::
 
 Modules: :mod:`~kbus.lang.language` (what a kernel body calls),
 :mod:`~kbus.lang.memory` (loads, stores and their timing),
+:mod:`~kbus.lang.batch` (a PE's instances as one vectorized run),
 :mod:`~kbus.lang.kernel` (the decorator, identity, code blob),
 :mod:`~kbus.lang.launch` (host side: deploy, launch, program cache),
 :mod:`~kbus.lang.runner` (device side: resolver, placement). See README.md.

@@ -38,7 +38,7 @@ import struct
 import textwrap
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import attrs
 
@@ -123,7 +123,12 @@ class Kernel:
     plain helper function.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], batch: str | None = None) -> None:
+        if batch not in (None, "auto", "off"):
+            raise ValueError(f"@kbus.kernel: batch must be 'auto' or 'off', got {batch!r}")
+        self.batch = batch
+        """Batch mode of its launches unless a launch says otherwise (``"auto"``, ``"off"``, or None:
+        ``$KBUS_LANG_BATCH``, else ``"auto"``; see :mod:`kbus.lang.batch`)."""
         if not inspect.isfunction(fn):
             raise TypeError(f"@kbus.kernel decorates a plain Python function, got {type(fn).__name__}")
         if inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -206,9 +211,27 @@ class Kernel:
         return f"<kbus.Kernel {self.short_name}{self.signature} id={self.id}>"
 
 
-def kernel(fn: Callable[..., Any]) -> Kernel:
-    """Decorator: turn a plain function into a launchable :class:`Kernel` (``@kbus.kernel``)."""
-    return Kernel(fn)
+@overload
+def kernel(fn: Callable[..., Any], *, batch: str | None = None) -> Kernel: ...
+
+
+@overload
+def kernel(fn: None = None, *, batch: str | None = None) -> Callable[[Callable[..., Any]], Kernel]: ...
+
+
+def kernel(
+    fn: Callable[..., Any] | None = None, *, batch: str | None = None
+) -> Kernel | Callable[[Callable[..., Any]], Kernel]:
+    """Decorator: turn a plain function into a launchable :class:`Kernel` (``@kbus.kernel``).
+
+    ``@kbus.kernel(batch="off")`` makes its launches run one instance at a
+    time unless a launch says otherwise; without it, the environment variable
+    ``KBUS_LANG_BATCH`` (``auto`` or ``off``) decides, else ``"auto"`` (see
+    :mod:`kbus.lang.batch`).
+    """
+    if fn is None:
+        return lambda f: Kernel(f, batch)
+    return Kernel(fn, batch)
 
 
 def decode_blob(data: bytes, expected_nbytes: int) -> tuple[KernelId, list[tuple[str, bool]]]:

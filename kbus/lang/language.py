@@ -27,6 +27,8 @@ from typing import Any, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 
+from . import batch as _batch
+from .batch import Batched, Unbatchable
 from .memory import Layout, current, require
 
 __all__ = [
@@ -160,11 +162,21 @@ class Tile(np.ndarray[Any, np.dtype[Any]]):
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         if method == "__call__" and not kwargs and ufunc.nout == 1:
             # The hot path (``a + b``, ``x < n``): one result, no ``out=``.
-            res = ufunc(*[x.view(np.ndarray) if type(x) is Tile else x for x in inputs])
+            if len(inputs) == 2:
+                a, b = inputs
+                if type(a) is Batched or type(b) is Batched:  # part of a batched run: counted per instance there
+                    return _batch.ufunc(ufunc, method, inputs, kwargs, op=True)
+                res = ufunc(a.view(np.ndarray) if type(a) is Tile else a, b.view(np.ndarray) if type(b) is Tile else b)
+            else:
+                if Batched in map(type, inputs):
+                    return _batch.ufunc(ufunc, method, inputs, kwargs, op=True)
+                res = ufunc(*[x.view(np.ndarray) if type(x) is Tile else x for x in inputs])
             ctx = current()
             if ctx is not None:
                 ctx.flops += res.size if type(res) is np.ndarray else 1
             return res.view(Tile) if type(res) is np.ndarray else np.asarray(res).view(Tile)
+        if any(type(x) is Batched for x in inputs):
+            return _batch.ufunc(ufunc, method, inputs, kwargs)
         args = [_raw(x) for x in inputs]
         out = kwargs.get("out")
         if out is not None:
@@ -192,7 +204,11 @@ class Tile(np.ndarray[Any, np.dtype[Any]]):
 
 # ----------------------------------------------------------------- pointers
 def _offsets(value: Any, what: str) -> npt.NDArray[np.int64]:
-    """Integer element offsets from an int, an integer array or tile."""
+    """Integer element offsets from an int, an integer array or tile (a batched value: its data)."""
+    if type(value) is Batched:
+        if value.dtype.kind not in "iu":
+            raise TypeError(f"{what}: pointer offsets must be integers, got {value.dtype} values")
+        return np.asarray(value.data, dtype=np.int64)
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"{what}: pointer offsets must be integers, got a bool")
     if isinstance(value, int | np.integer):
@@ -206,7 +222,7 @@ def _offsets(value: Any, what: str) -> npt.NDArray[np.int64]:
     raise TypeError(f"{what}: pointer offsets must be an int or an integer array/tile, got {type(value).__name__}")
 
 
-class Pointer:
+class Pointer(_batch._Pointerish):
     """A typed device pointer: a tensor's layout (VA, dtype, shards) plus a block of element offsets.
 
     A tensor argument arrives in the kernel as a pointer with offset 0.
@@ -218,7 +234,7 @@ class Pointer:
     them is address generation and is not counted as compute.
     """
 
-    __slots__ = ("_layout", "_name", "_offsets")
+    __slots__ = ("_batched", "_layout", "_name", "_offsets")
     __array_ufunc__ = None  # makes ``tile + ptr`` defer to Pointer.__radd__
 
     def __init__(self, layout: Layout, offsets: Any = 0, name: str = "pointer") -> None:
@@ -226,6 +242,7 @@ class Pointer:
             raise TypeError(f"pointer {name!r}: expected a Layout, got {type(layout).__name__}")
         self._layout = layout
         self._name = name
+        self._batched = type(offsets) is Batched
         self._offsets = _offsets(offsets, f"pointer {name!r}")
 
     @classmethod
@@ -263,20 +280,35 @@ class Pointer:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the pointer block (``()`` for a single address)."""
-        return self._offsets.shape
+        return self._offsets.shape[1:] if self._batched else self._offsets.shape
 
-    def _with(self, offsets: npt.NDArray[np.int64]) -> Pointer:
+    def _with(self, offsets: npt.NDArray[np.int64], batched: bool = False) -> Pointer:
         new = Pointer.__new__(Pointer)
-        new._layout, new._name, new._offsets = self._layout, self._name, offsets
+        new._layout, new._name, new._offsets, new._batched = self._layout, self._name, offsets, batched
         return new
 
+    def _combine(self, other: Any, sign: int, what: str) -> Pointer:
+        theirs = _offsets(other, what)
+        other_b = type(other) is Batched
+        if not (self._batched or other_b):
+            return self._with(self._offsets + theirs if sign > 0 else self._offsets - theirs)
+        mine = self._offsets
+        nd = builtins.max(mine.ndim - self._batched, theirs.ndim - other_b)
+        if self._batched:
+            mine = mine.reshape(mine.shape[:1] + (1,) * (nd + 1 - mine.ndim) + mine.shape[1:])
+        if other_b:
+            theirs = theirs.reshape(theirs.shape[:1] + (1,) * (nd + 1 - theirs.ndim) + theirs.shape[1:])
+        return self._with(mine + theirs if sign > 0 else mine - theirs, True)
+
     def __add__(self, other: Any) -> Pointer:
-        return self._with(self._offsets + _offsets(other, f"{self._name} + ..."))
+        if not self._batched and type(other) is not Batched:  # one instance: plain offsets
+            return self._with(self._offsets + _offsets(other, f"{self._name} + ..."))
+        return self._combine(other, 1, f"{self._name} + ...")
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> Pointer:
-        return self._with(self._offsets - _offsets(other, f"{self._name} - ..."))
+        return self._combine(other, -1, f"{self._name} - ...")
 
     def __repr__(self) -> str:
         return f"<Pointer {self._name} {self.dtype} at VA {self.va:#x}, offsets shape {self.shape}>"
@@ -290,9 +322,16 @@ def _axis(axis: SupportsIndex, what: str) -> int:
     return a
 
 
-def program_id(axis: SupportsIndex = 0) -> int:
-    """This instance's index along grid ``axis`` (0, 1 or 2)."""
-    return require("kl.program_id").pid[_axis(axis, "kl.program_id")]
+def program_id(axis: SupportsIndex = 0) -> Any:
+    """This instance's index along grid ``axis`` (0, 1 or 2).
+
+    An ``int``; in a batched run (see :mod:`kbus.lang.batch`) the ids of all
+    the instances of the batch, which behaves as an int in arithmetic.
+    """
+    ctx: Any = require("kl.program_id")
+    if ctx.batched:
+        return ctx.program_id(_axis(axis, "kl.program_id"))
+    return ctx.pid[_axis(axis, "kl.program_id")]
 
 
 def num_programs(axis: SupportsIndex = 0) -> int:
@@ -317,14 +356,24 @@ def _shape(shape: Any, what: str) -> tuple[int, ...]:
     return out
 
 
+def _fresh(tile: Tile) -> Tile:
+    """A new tile as a kernel body gets it: in a batched run, one copy per instance (an accumulator
+    updated in place, ``acc += ...``, must stay each instance's own)."""
+    ctx: Any = current()
+    if getattr(ctx, "batched", False):
+        data = np.broadcast_to(tile.view(np.ndarray), (ctx.size, *tile.shape)).copy()
+        return Batched(data, _batch._TILE)  # type: ignore[return-value]
+    return tile
+
+
 def zeros(shape: Any, dtype: Any = float32) -> Tile:
     """A tile of zeros (``kl.zeros((BM, BN), kl.float32)``)."""
-    return np.zeros(_shape(shape, "kl.zeros"), dtype=as_dtype(dtype, "kl.zeros")).view(Tile)
+    return _fresh(np.zeros(_shape(shape, "kl.zeros"), dtype=as_dtype(dtype, "kl.zeros")).view(Tile))
 
 
 def full(shape: Any, value: Any, dtype: Any = float32) -> Tile:
     """A tile filled with ``value``."""
-    return np.full(_shape(shape, "kl.full"), value, dtype=as_dtype(dtype, "kl.full")).view(Tile)
+    return _fresh(np.full(_shape(shape, "kl.full"), value, dtype=as_dtype(dtype, "kl.full")).view(Tile))
 
 
 # ------------------------------------------------------------------ memory
@@ -355,6 +404,8 @@ def load(pointer: Pointer, mask: Any = None, other: Any = 0) -> Tile:
     ctx = require("kl.load")
     if not isinstance(pointer, Pointer):
         raise TypeError(f"kl.load needs a pointer (a tensor argument plus offsets), got {type(pointer).__name__}")
+    if pointer._batched or type(mask) is Batched or type(other) is Batched:
+        return _load_batched(ctx, pointer, mask, other)  # type: ignore[return-value]
     m = _mask(mask, f"kl.load from {pointer.name}")
     offs = pointer._offsets
     if m is not None:
@@ -365,12 +416,68 @@ def load(pointer: Pointer, mask: Any = None, other: Any = 0) -> Tile:
     return ctx.load(pointer.layout, offs, m, other, pointer.name).view(Tile)
 
 
+def _lift(x: Any, nd: int, b: int) -> npt.NDArray[Any]:
+    """``x`` (batched or not) as an array with the instance dimension first, ``nd`` logical dimensions."""
+    if type(x) is Batched:
+        d = x.data
+        return d.reshape(d.shape[:1] + (1,) * (nd + 1 - d.ndim) + d.shape[1:])
+    a = np.asarray(_raw(x))
+    return a.reshape((1,) * (nd + 1 - a.ndim) + a.shape)
+
+
+def _batched_parts(what: str, b: int, **parts: Any) -> list[npt.NDArray[Any]]:
+    """Broadcast the parts of a batched access to one ``(B, *shape)``, as one instance would broadcast them."""
+    nd = builtins.max(
+        _batch._lnd(v) if type(v) is not Pointer else v._offsets.ndim - v._batched for v in parts.values()
+    )
+    arrays = []
+    for v in parts.values():
+        if type(v) is Pointer:
+            o = v._offsets
+            arrays.append(
+                o.reshape(o.shape[:1] + (1,) * (nd + 1 - o.ndim) + o.shape[1:])
+                if v._batched
+                else o.reshape((1,) * (nd + 1 - o.ndim) + o.shape)
+            )
+        else:
+            arrays.append(_lift(v, nd, b))
+    try:
+        out = np.broadcast_arrays(*arrays)
+    except ValueError:
+        shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in parts.items())
+        raise ValueError(f"{what}: shapes do not broadcast: {shapes}") from None
+    shape = (b, *out[0].shape[1:])
+    return [np.broadcast_to(a, shape) for a in out]
+
+
+def _load_batched(ctx: Any, pointer: Pointer, mask: Any, other: Any) -> Batched:
+    what = f"kl.load from {pointer.name}"
+    if type(other) is Batched or np.ndim(other) != 0:
+        raise Unbatchable(f"{what}: other= that is not a scalar")
+    b = ctx.size
+    if mask is None:
+        (offs,) = _batched_parts(what, b, pointer=pointer)
+        m = None
+    else:
+        if type(mask) is not Batched:
+            _mask(mask, what)
+        elif mask.dtype != np.bool_:
+            raise TypeError(f"{what}: mask must be boolean (e.g. offs < n), got {mask.dtype}")
+        offs, m = _batched_parts(what, b, pointer=pointer, mask=mask)
+        if m.all():
+            m = None
+    return Batched(ctx.load_batched(pointer.layout, offs, m, other, pointer.name), _batch._TILE)
+
+
 def store(pointer: Pointer, value: Any, mask: Any = None) -> None:
     """Write ``value`` (broadcast, converted to the pointer's dtype) where ``mask`` is True."""
     ctx = require("kl.store")
     if not isinstance(pointer, Pointer):
         raise TypeError(f"kl.store needs a pointer (a tensor argument plus offsets), got {type(pointer).__name__}")
     what = f"kl.store to {pointer.name}"
+    if pointer._batched or type(value) is Batched or type(mask) is Batched:
+        _store_batched(ctx, pointer, value, mask, what)
+        return
     m = _mask(mask, what)
     vals = np.asarray(_raw(value))
     if vals.dtype.kind not in "biuf":
@@ -389,9 +496,31 @@ def store(pointer: Pointer, value: Any, mask: Any = None) -> None:
     ctx.store(pointer.layout, offs, m, vals.astype(pointer.dtype, copy=False), pointer.name)
 
 
+def _store_batched(ctx: Any, pointer: Pointer, value: Any, mask: Any, what: str) -> None:
+    b = ctx.size
+    vdt = value.dtype if type(value) is Batched else np.asarray(_raw(value)).dtype
+    if vdt.kind not in "biuf":
+        raise TypeError(f"{what}: cannot store values of dtype {vdt}")
+    if type(value) is Batched and value.kind == _batch._PY:
+        raise Unbatchable(f"{what}: storing a Python scalar that differs per instance")
+    if mask is not None and type(mask) is not Batched:
+        _mask(mask, what)
+    elif type(mask) is Batched and mask.dtype != np.bool_:
+        raise TypeError(f"{what}: mask must be boolean (e.g. offs < n), got {mask.dtype}")
+    parts = {"pointer": pointer, "value": value} if mask is None else {"pointer": pointer, "value": value, "mask": mask}
+    arrays = _batched_parts(what, b, **parts)
+    offs, vals = arrays[0], arrays[1]
+    m = arrays[2] if mask is not None else None
+    if m is not None and m.all():
+        m = None
+    ctx.store_batched(pointer.layout, offs, m, vals.astype(pointer.dtype, copy=False), pointer.name)
+
+
 # ------------------------------------------------------------- arithmetic
 def where(condition: Any, x: Any, y: Any) -> Tile:
     """Elementwise ``x if condition else y`` (one operation per element)."""
+    if Batched in (type(condition), type(x), type(y)):
+        return _where_batched(condition, x, y)  # type: ignore[return-value]
     c = np.asarray(_raw(condition))
     if c.dtype != np.bool_:
         raise TypeError(f"kl.where: condition must be boolean, got {c.dtype}")
@@ -400,7 +529,35 @@ def where(condition: Any, x: Any, y: Any) -> Tile:
     return _tile(out)
 
 
+def _where_batched(condition: Any, x: Any, y: Any) -> Batched:
+    ctx: Any = require("kl.where")
+    if any(type(v) is Batched and v.kind == _batch._PY for v in (x, y)):
+        raise Unbatchable("kl.where on Python scalars that differ per instance")
+    c = condition.data if type(condition) is Batched else np.asarray(_raw(condition))
+    if c.dtype != np.bool_:
+        raise TypeError(f"kl.where: condition must be boolean, got {c.dtype}")
+    nd = builtins.max(_batch._lnd(v) for v in (condition, x, y))
+    b = ctx.size
+    parts = [_lift(v, nd, b) if type(v) is Batched or isinstance(v, np.ndarray) else _raw(v) for v in (condition, x, y)]
+    out = np.where(*parts)
+    if out.shape[0] != b:
+        out = np.broadcast_to(out, (b, *out.shape[1:])).copy()
+    ctx.flops += out.size // b
+    return Batched(out, _batch._TILE)
+
+
 def _reduce(fn: Any, name: str, x: Any, axis: int | None, keep_dims: bool) -> Tile:
+    if type(x) is Batched:
+        nd = x.ndim
+        if axis is not None and not -nd <= axis < builtins.max(nd, 1):
+            raise ValueError(f"kl.{name}: axis {axis} is out of range for a tile of shape {x.shape}")
+        if x.size == 0 and name in ("max", "min"):
+            raise ValueError(f"kl.{name} of an empty tile")
+        if nd == 0:
+            raise Unbatchable(f"kl.{name} of a 0-d value")
+        axes = tuple(range(1, nd + 1)) if axis is None else (axis % nd + 1,)
+        require(f"kl.{name}").flops += x.size
+        return Batched(np.asarray(fn(x.data, axis=axes, keepdims=keep_dims)), _batch._TILE)  # type: ignore[return-value]
     arr = np.asarray(_raw(x))
     if axis is not None and not -arr.ndim <= axis < builtins.max(arr.ndim, 1):
         raise ValueError(f"kl.{name}: axis {axis} is out of range for a tile of shape {arr.shape}")
@@ -439,6 +596,8 @@ def dot(a: Any, b: Any, acc: Any = None) -> Tile:
     Accumulates in float32 for float inputs (float64 if either is float64) and
     in int64 for integers. Costs ``2*M*N*K`` operations (+ ``M*N`` for acc).
     """
+    if Batched in (type(a), type(b), type(acc)):
+        return _dot_batched(a, b, acc)  # type: ignore[return-value]
     x, y = np.asarray(_raw(a)), np.asarray(_raw(b))
     if x.ndim != 2 or y.ndim != 2:
         raise ValueError(f"kl.dot needs 2-D tiles, got shapes {x.shape} and {y.shape}")
@@ -458,7 +617,42 @@ def dot(a: Any, b: Any, acc: Any = None) -> Tile:
     return _tile(out)
 
 
+def _dot_batched(a: Any, b: Any, acc: Any) -> Batched:
+    """``kl.dot`` per instance: one ``matmul`` call per instance, so every product is bit-for-bit
+    what the instance alone computes (a stacked matmul may sum in another order)."""
+    ctx: Any = require("kl.dot")
+    n = ctx.size
+    xs = a.data if type(a) is Batched else np.asarray(_raw(a))
+    ys = b.data if type(b) is Batched else np.asarray(_raw(b))
+    xshape = xs.shape[1:] if type(a) is Batched else xs.shape
+    yshape = ys.shape[1:] if type(b) is Batched else ys.shape
+    if len(xshape) != 2 or len(yshape) != 2:
+        raise ValueError(f"kl.dot needs 2-D tiles, got shapes {xshape} and {yshape}")
+    if xshape[1] != yshape[0]:
+        raise ValueError(f"kl.dot: inner dimensions differ: {xshape} @ {yshape}")
+    dt = _accumulator(xs.dtype, ys.dtype)
+    x_of = (lambda i: xs[i]) if type(a) is Batched else (lambda i: xs)
+    y_of = (lambda i: ys[i]) if type(b) is Batched else (lambda i: ys)
+    out = np.stack([np.matmul(x_of(i).astype(dt, copy=False), y_of(i).astype(dt, copy=False)) for i in range(n)])
+    m, k = xshape
+    ctx.flops += 2 * m * yshape[1] * k
+    if acc is not None:
+        c = acc.data if type(acc) is Batched else np.asarray(_raw(acc))
+        cshape = c.shape[1:] if type(acc) is Batched else c.shape
+        if cshape != out.shape[1:]:
+            raise ValueError(f"kl.dot: acc has shape {cshape}, the product has shape {out.shape[1:]}")
+        out = out + c
+        ctx.flops += out.size // n
+    return Batched(out, _batch._TILE)
+
+
 def _apply(fn: np.ufunc, *args: Any) -> Tile:
+    if type(args[0]) is Batched or (len(args) > 1 and type(args[1]) is Batched):
+        res = _batch.ufunc(fn, "__call__", args, {})
+        if res.kind != _batch._TILE:  # kl.exp(python_scalar) is a counted tile, unlike np.exp
+            require(f"kl.{fn.__name__}").flops += res.size
+            res.kind = _batch._TILE
+        return res  # type: ignore[return-value]
     out = fn(*(_raw(a) for a in args))
     _count(int(np.size(out)))
     return _tile(out)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-import warnings
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +37,11 @@ import numpy as np
 from ..errors import DeviceError, KernelError, OutOfDeviceMemory
 from ..hw.device import Device
 from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
+from ..runtime.queue import observe
 from .kernel import Kernel
 from .language import dtype_name
 from .runner import (
+    BATCH_MODES,
     PLACEMENTS,
     Deployment,
     DeviceState,
@@ -102,7 +104,12 @@ class KernelCacheInfo:
     ``hits``/``misses``: launches that found / did not find their kernel
     deployed; ``deployments``: code blobs written; ``pe_fetches``: blobs a PE
     read from device memory (once per PE and deployment); ``pe_hits``:
-    launches a PE served from its code cache; ``kernels``: deployments live.
+    launches a PE served from its code cache; ``kernels``: deployments live;
+    ``batched``: PE shares of launches whose instances ran as one batched run
+    of the body; ``per_instance``: PE shares run one instance at a time;
+    ``fallbacks``: for each kernel (short name) that could have batched but
+    ran per instance, the reason of its latest fallback (see
+    :mod:`kbus.lang.batch`).
     """
 
     hits: int
@@ -111,6 +118,9 @@ class KernelCacheInfo:
     pe_fetches: int
     pe_hits: int
     kernels: int
+    batched: int = 0
+    per_instance: int = 0
+    fallbacks: dict[str, str] = attrs.field(factory=dict)
 
 
 def device_of(target: Any) -> Device:
@@ -142,7 +152,17 @@ def _find_target(values: dict[str, Any]) -> Any:
 def kernel_cache_info(target: Any) -> KernelCacheInfo:
     """Program cache counters of the device of ``target`` (a runtime handle or a Device)."""
     st = state_of(device_of(target))
-    return KernelCacheInfo(st.hits, st.misses, st.deployments, st.pe_fetches, st.pe_hits, len(st.programs))
+    return KernelCacheInfo(
+        st.hits,
+        st.misses,
+        st.deployments,
+        st.pe_fetches,
+        st.pe_hits,
+        len(st.programs),
+        st.batched,
+        st.per_instance,
+        dict(st.fallbacks),
+    )
 
 
 # ------------------------------------------------------------------ deploy
@@ -311,6 +331,11 @@ def _pack(kern: Kernel, values: dict[str, Any]) -> tuple[list[Any], TensorArg | 
     return args, first
 
 
+def _default_batch() -> str:
+    """The batch mode of launches and kernels that name none: ``$KBUS_LANG_BATCH``, else ``"auto"``."""
+    return os.environ.get("KBUS_LANG_BATCH", "auto") or "auto"
+
+
 def _failure(kern: Kernel, exc: DeviceError) -> KernelError:
     responses: tuple[ResponseMsg, ...] = exc.responses
     failed = [r for r in responses if not r.success]
@@ -330,6 +355,7 @@ def queue_launch(
     args: tuple[Any, ...] | list[Any] = (),
     *,
     placement: str = "spread",
+    batch: str | None = None,
     **constexprs: Any,
 ) -> Awaitable[LaunchResult]:
     """Check a launch of ``kern`` over ``grid`` now and queue it; ``await`` the result for its :class:`LaunchResult`.
@@ -340,13 +366,18 @@ def queue_launch(
     int, a tuple of up to three ints, or a callable receiving the arguments by
     name. ``placement`` is ``"spread"`` (round-robin over the PEs) or
     ``"owner"`` (each instance on the PE owning its block of the first tensor
-    argument; see :mod:`kbus.lang.runner`). Host-side mistakes raise here;
+    argument; see :mod:`kbus.lang.runner`). ``batch`` is ``"auto"`` (a PE runs
+    its instances as one batched run of the body when the kernel allows it,
+    see :mod:`kbus.lang.batch`) or ``"off"`` (one instance at a time); None
+    takes the kernel's own setting (``@kbus.kernel(batch=...)``), else the
+    environment variable ``KBUS_LANG_BATCH``, else ``"auto"``. Results and virtual times are the same
+    either way. Host-side mistakes raise here;
     awaiting raises :class:`kbus.KernelError` if any instance failed. See
     :func:`start` for how the launch is ordered with other work.
     """
     if not isinstance(kern, Kernel):
         raise TypeError(f"launch() takes a @kbus.kernel, got {type(kern).__name__}")
-    return start(target, kern, grid, kern.bind(tuple(args), constexprs), placement)
+    return start(target, kern, grid, kern.bind(tuple(args), constexprs), placement, batch)
 
 
 async def launch(
@@ -356,13 +387,16 @@ async def launch(
     args: tuple[Any, ...] | list[Any] = (),
     *,
     placement: str = "spread",
+    batch: str | None = None,
     **constexprs: Any,
 ) -> LaunchResult:
     """``await queue_launch(...)``: run ``kern`` over ``grid`` and return its :class:`LaunchResult`."""
-    return await queue_launch(target, kern, grid, args, placement=placement, **constexprs)
+    return await queue_launch(target, kern, grid, args, placement=placement, batch=batch, **constexprs)
 
 
-def start(target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], placement: str) -> Awaitable[LaunchResult]:
+def start(
+    target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], placement: str, batch: str | None = None
+) -> Awaitable[LaunchResult]:
     """Check and queue a launch of ``kern`` with bound ``values``; return an awaitable of its result.
 
     Everything that can be checked on the host (grid, placement, argument
@@ -380,39 +414,49 @@ def start(target: Any, kern: Kernel, grid: GridSpec, values: dict[str, Any], pla
     name = kern.short_name
     if placement not in PLACEMENTS:
         raise ValueError(f"kernel {name!r}: placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    mode = batch if batch is not None else kern.batch if kern.batch is not None else _default_batch()
+    if mode not in BATCH_MODES:
+        raise ValueError(f"kernel {name!r}: batch must be one of {', '.join(BATCH_MODES)}, got {mode!r}")
     device = device_of(target)
     dims = _grid(grid, values, name)
     params, first = _pack(kern, values)
     tensors = [v for v in values.values() if _is_tensor(v)]
     submit = None if isinstance(target, Device) else getattr(target, "submit", None)
     if not callable(submit):
-        return _after_inputs(tensors, _send(device, kern, dims, params, first, placement))
+        return _after_inputs(tensors, _send(device, kern, dims, params, first, placement, mode))
     label = f"kernel {name}[{', '.join(map(str, dims))}]"
 
     async def work() -> LaunchResult | BaseException:
         try:
-            return await _send(device, kern, dims, params, first, placement)
+            return await _send(device, kern, dims, params, first, placement, mode)
         except (DeviceError, OutOfDeviceMemory) as exc:
-            return exc  # the launch's own failure: reported to its awaiter, not to the tensors
+            return exc  # the launch's own failure: its awaiter and the tensors it stored to get it
+
+    def failure(outcome: LaunchResult | BaseException) -> tuple[BaseException, list[Any]] | None:
+        if not isinstance(outcome, BaseException):
+            return None
+        stored = getattr(outcome, "kbus_stored", ())
+        return outcome, [values[p] for p in stored if p in values and _is_tensor(values[p])]
 
     writes = list({id(t): t for t in tensors}.values())
-    return LaunchHandle(submit(work, writes=writes, label=label), label)
+    return LaunchHandle(submit(work, writes=writes, label=label, failure=failure), label)
 
 
 class LaunchHandle:
     """A launch queued on a runtime's work queue: ``await`` it for the :class:`LaunchResult`.
 
     Awaiting raises the launch's :class:`kbus.KernelError` if it failed. A
-    failed launch whose handle is dropped without being awaited warns
-    (``RuntimeWarning``), as asyncio does for a failed future nobody read,
-    because its tensor arguments do not carry the failure.
+    failed launch also fails the tensors its instances stored to (awaiting
+    one raises the same error; work queued on one fails naming it); the
+    other tensor arguments stay usable. A failure nobody observed this way
+    is raised by ``torch.synchronize()`` and at device close, and warns
+    (``RuntimeWarning``) if it is never observed at all.
     """
 
-    __slots__ = ("_future", "_seen", "label")
+    __slots__ = ("_future", "label")
 
     def __init__(self, future: Any, label: str) -> None:
         self._future = future
-        self._seen = False
         self.label = label
 
     def done(self) -> bool:
@@ -423,23 +467,16 @@ class LaunchHandle:
         return self._wait().__await__()
 
     async def _wait(self) -> LaunchResult:
-        self._seen = True
-        outcome = await self._future
+        try:
+            outcome = await self._future
+        except Exception as exc:  # the command itself failed (an input was unavailable)
+            observe(exc)
+            raise
         if isinstance(outcome, BaseException):
+            observe(outcome)
             raise outcome
         result: LaunchResult = outcome
         return result
-
-    def __del__(self) -> None:
-        fut = self._future
-        if self._seen or not fut.done():
-            return
-        try:
-            outcome = fut.result()
-        except BaseException as exc:  # the command itself failed (an input was unavailable)
-            outcome = exc
-        if isinstance(outcome, BaseException):
-            warnings.warn(f"{self.label} failed and was never awaited: {outcome}", RuntimeWarning, stacklevel=1)
 
     def __repr__(self) -> str:
         return f"<LaunchHandle {self.label} {'done' if self.done() else 'pending'}>"
@@ -463,6 +500,7 @@ async def _send(
     params: list[Any],
     first: TensorArg | None,
     placement: str,
+    batch: str = "auto",
 ) -> LaunchResult:
     """Deploy if needed, send the KernelLaunchMsg, check the answers."""
     sim = device.sim
@@ -485,6 +523,8 @@ async def _send(
         placement = "spread"
         sips, cubes, pe = spread_targets(cfg, n)
     trailer = [ScalarArg("i64", g) for g in grid] + [ScalarArg("i64", PLACEMENTS[placement])]
+    if batch != "auto":
+        trailer.append(ScalarArg("i64", BATCH_MODES[batch]))
     rid = f"launch-{next(st.request_ids)}"
     msg = KernelLaunchMsg("kbus.lang", rid, dep.ref(), (*params, *trailer), cubes, pe, sips)
     try:
@@ -493,7 +533,11 @@ async def _send(
         corrupt = any("bad code blob" in (r.error or "") for r in exc.responses if not r.success)
         if corrupt and st.programs.get(kern.id) is dep:
             del st.programs[kern.id]  # the next launch deploys a fresh copy
-        raise _failure(kern, exc) from None
+        err = _failure(kern, exc)
+        err.kbus_stored = tuple(sorted(st.written.get(rid, ())))  # type: ignore[attr-defined]
+        raise err from None
+    finally:
+        st.written.pop(rid, None)
     ran = sum(int(r.value or 0) for r in responses)
     if ran != n:
         raise KernelError(f"kernel {name!r}: the PEs ran {ran} program instances, the grid {grid} has {n}", responses)
@@ -505,7 +549,7 @@ class Launcher:
     """``kernel[grid]``: call it with the kernel's arguments to get an awaitable launch.
 
     ``torch=`` names the runtime handle (or Device) when no tensor argument
-    leads to it; ``placement=`` is as for :func:`launch`. Every other keyword
+    leads to it; ``placement=`` and ``batch=`` are as for :func:`launch`. Every other keyword
     is a kernel argument (typically the constexprs).
     """
 
@@ -516,7 +560,7 @@ class Launcher:
         self.grid = grid
 
     def __call__(
-        self, *args: Any, torch: Any = None, placement: str = "spread", **kwargs: Any
+        self, *args: Any, torch: Any = None, placement: str = "spread", batch: str | None = None, **kwargs: Any
     ) -> Awaitable[LaunchResult]:
         values = self.kernel.bind(args, kwargs)
         target = torch if torch is not None else _find_target(values)
@@ -525,7 +569,7 @@ class Launcher:
                 f"kernel {self.kernel.short_name!r}: cannot tell which device to run on: no tensor argument "
                 "refers to a runtime; pass torch=<handle from kbus.open_device> (or a Device)"
             )
-        return start(target, self.kernel, self.grid, values, placement)
+        return start(target, self.kernel, self.grid, values, placement, batch)
 
     def __repr__(self) -> str:
         return f"<Launcher {self.kernel.short_name}[{self.grid!r}]>"

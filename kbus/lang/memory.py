@@ -53,7 +53,8 @@ instance whose body executes later, in virtual-time order of starts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +66,10 @@ from ..protocol import TensorArgShard
 
 if TYPE_CHECKING:
     from ..hw.device import Device, PeNode
-    from ..hw.dma import Transfer
+    from ..hw.dma import DmaEngine, Transfer
     from ..hw.network import NetLink
 
-__all__ = ["Layout", "ProgramContext", "current", "require"]
+__all__ = ["Layout", "ProgramContext", "SegmentCache", "current", "require"]
 
 Coord = tuple[int, int, int]
 I64Array = npt.NDArray[np.int64]
@@ -248,6 +249,75 @@ class _Access:
         return self._addrs
 
 
+class SegmentCache:
+    """The segment table of one PE for one launch: translations by VA range, reused across accesses.
+
+    :meth:`translate` answers exactly as :meth:`kbus.hw.dma.DmaEngine.translate`
+    does (same segments, same cost, the engine's translation counter moves the
+    same way), but looks a range up in the MMU only once: a range inside one
+    already translated comes back clipped from the cached segments (the MMU
+    merges pieces that continue each other, so a clipped piece is exactly
+    what the MMU would return for the smaller range). :meth:`lookup` gives the
+    segments without charging a translation (the batched data path, whose
+    translations are charged per instance). With a TLB (``dma.tlb_entries``)
+    every accounted translation goes to the engine, whose TLB state depends on
+    the order of lookups.
+
+    Valid while the page table does not change: one PE's share of one launch
+    (the runtime orders frees and maps of a launch's tensors around it).
+    """
+
+    __slots__ = ("_his", "_los", "_segs", "engine", "mmu")
+
+    def __init__(self, node: PeNode) -> None:
+        self.engine = node.engine
+        self.mmu = node.mmu
+        self._los: list[int] = []
+        self._his: list[int] = []
+        self._segs: list[tuple[list[int], list[Segment]]] = []
+
+    def lookup(self, va: int, nbytes: int) -> list[Segment]:
+        """Segments of ``[va, va+nbytes)``; raises :class:`~kbus.mem.PageFault` as the MMU does."""
+        end = va + nbytes
+        k = bisect_right(self._los, va) - 1
+        if k >= 0 and end <= self._his[k]:
+            vas, segs = self._segs[k]
+            if va == self._los[k] and end == self._his[k]:
+                return list(segs)
+            j = bisect_right(vas, va) - 1
+            out = []
+            while j < len(segs):
+                s = segs[j]
+                lo = s.va if s.va > va else va
+                hi = s.va + s.nbytes
+                if hi > end:
+                    hi = end
+                out.append(Segment(lo, s.sip, s.cube, s.pe, s.pa + (lo - s.va), hi - lo))
+                if hi >= end:
+                    break
+                j += 1
+            return out
+        segs = self.mmu.translate(va, nbytes)
+        k += 1
+        self._los.insert(k, va)
+        self._his.insert(k, end)
+        self._segs.insert(k, ([s.va for s in segs], segs))
+        return list(segs)
+
+    def quiet(self, va: int, nbytes: int) -> tuple[list[Segment], int]:
+        """:meth:`lookup` in the form of :meth:`translate`, charging nothing."""
+        return self.lookup(va, nbytes), 0
+
+    def translate(self, va: int, nbytes: int) -> tuple[list[Segment], int]:
+        """``DmaEngine.translate(va, nbytes)``: the segments and the picoseconds the lookup costs."""
+        engine = self.engine
+        if engine.tlb_entries:
+            return engine.translate(va, nbytes)
+        segs = self.lookup(va, nbytes)
+        engine.translations += 1
+        return segs, engine.translate_ps
+
+
 class ProgramContext:
     """One program instance on one PE: ids, counters, memory access and its timeline.
 
@@ -256,10 +326,14 @@ class ProgramContext:
     last memory access (see :meth:`flush_compute`).
     """
 
+    batched = False
+    """False: one instance at a time (see :class:`kbus.lang.batch.BatchContext` for the batched form)."""
+
     __slots__ = (
         "_paths",
         "_stores",
         "_token",
+        "_translator",
         "_xlate",
         "bytes_loaded",
         "bytes_stored",
@@ -275,6 +349,7 @@ class ProgramContext:
         "path",
         "pid",
         "start",
+        "stored",
     )
 
     def __init__(
@@ -287,6 +362,7 @@ class ProgramContext:
         start_ps: int,
         paths: dict[tuple[Coord, Coord, bool, bool], tuple[list[NetLink], list[NetLink]]],
         stores: dict[tuple[int, int, int, bool], MemoryStore],
+        translator: SegmentCache | None = None,
     ) -> None:
         self.device = device
         self.node = node
@@ -306,6 +382,10 @@ class ProgramContext:
         self._stores = stores
         self._xlate = 0  # translation cost (ps) of the access being located
         self._token: Any = None
+        self.stored: set[str] = set()
+        """Names of the pointers this instance stored through."""
+        # Translations go to the PE's DMA engine, or to a launch's segment table (same answers and costs).
+        self._translator: SegmentCache | DmaEngine = translator if translator is not None else node.engine
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> ProgramContext:
@@ -381,6 +461,7 @@ class ProgramContext:
         dtype = layout.dtype
         itemsize = dtype.itemsize
         acc = self._locate(layout, active, f"kl.store to {what}")
+        self.stored.add(what)
         # Read-modify-write of the pieces the lanes touch, so bytes between lanes are kept. (Telling a
         # dense store apart costs as much numpy work as the read it would save.)
         buf = np.empty(acc.nbytes, dtype=np.uint8)
@@ -396,10 +477,16 @@ class ProgramContext:
         self.bytes_stored += n * itemsize
 
     # ------------------------------------------------------------ internals
-    def _locate(self, layout: Layout, active: I64Array, what: str) -> _Access:
+    def _locate(
+        self,
+        layout: Layout,
+        active: I64Array,
+        what: str,
+        translate: Callable[[int, int], tuple[list[Segment], int]] | None = None,
+    ) -> _Access:
         """Translate what the active lanes (element offsets) touch; see the module docstring."""
         mmu = self.node.mmu
-        engine = self.node.engine
+        xlate = self._translator.translate if translate is None else translate
         self._xlate = 0
         itemsize = layout.itemsize
         addrs: I64Array | None = None
@@ -414,7 +501,7 @@ class ProgramContext:
             span = int(_MAX(addrs)) + itemsize - lo
         if span <= SPAN_LIMIT or span <= SPAN_SPARSITY * active.size * itemsize:
             try:
-                segs, cost = engine.translate(lo, span)
+                segs, cost = xlate(lo, span)
                 self._xlate += cost
             except PageFault:
                 pass  # maybe a hole between lanes; the run-by-run path below tells
@@ -434,7 +521,7 @@ class ProgramContext:
         laid = []
         for va, n, off in zip(firsts.tolist(), lens.tolist(), starts.tolist(), strict=True):
             try:
-                pieces, cost = engine.translate(va, n)
+                pieces, cost = xlate(va, n)
                 self._xlate += cost
             except PageFault as exc:
                 raise PageFault(f"{what}: {exc}", va=exc.va, where=exc.where) from None
@@ -442,6 +529,10 @@ class ProgramContext:
         chunk = np.searchsorted(firsts, addrs, side="right") - 1
         elem_index = (starts[chunk] + addrs - firsts[chunk]) // itemsize
         return _Access(int(lens.sum()), laid, elem_index, layout, active, addrs)
+
+    def _locate_data(self, layout: Layout, active: I64Array, what: str, cache: SegmentCache) -> _Access:
+        """:meth:`_locate` for moving data only: translations through ``cache``, charged to nobody."""
+        return self._locate(layout, active, what, cache.quiet)
 
     def _store(self, seg: Segment) -> MemoryStore:
         """The byte store holding ``seg`` (cached per owner and memory; the store checks the range)."""

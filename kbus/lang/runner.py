@@ -5,7 +5,8 @@ PE_CPU calls :func:`run_deployed` (installed as ``Device.deployed_resolver``).
 It fetches the code blob by DMA (unless this PE has it cached), checks it,
 resolves it to a registered :class:`~kbus.lang.kernel.Kernel`, decodes the
 arguments, works out which program instances are its own from the message
-alone, and runs them one after another.
+alone, and runs them: as one batched run of the body when it can (see
+:mod:`~kbus.lang.batch`), else one after another.
 
 Wire layout of a launch's ``args``: one group per kernel parameter, in
 signature order, then the launch values. The groups follow the argument
@@ -18,6 +19,7 @@ builtin kernels and this language::
     constexpr value) for a Python number (bools travel as "int" 0/1)
     then      ScalarArg("i64", grid0), ("i64", grid1), ("i64", grid2),
               ScalarArg("i64", placement)                                  # 0 spread, 1 owner
+    optional  ScalarArg("i64", batch mode)                                 # 1 off; absent: auto
 
 Placement (which PE runs program instance ``i``, linear id
 ``pid0 + g0 * (pid1 + g1 * pid2)``):
@@ -46,9 +48,10 @@ import numpy.typing as npt
 from ..errors import DeviceError, OutOfDeviceMemory
 from ..mem import MemoryStore, PageFault, Segment
 from ..protocol import KernelLaunchMsg, KernelRef, ScalarArg, TensorArg, TensorArgShard
+from .batch import BatchContext, Overlap, Unbatchable
 from .kernel import MAX_BLOB, BlobError, Kernel, KernelId, decode_blob, lookup
 from .language import DTYPES, Pointer
-from .memory import Layout, ProgramContext
+from .memory import Layout, ProgramContext, SegmentCache
 
 if TYPE_CHECKING:
     from ..hw.blocks import PeCpu
@@ -58,11 +61,29 @@ if TYPE_CHECKING:
     from ..protocol.messages import PeTarget, Targets
     from ..sim import SimFuture
 
-__all__ = ["PLACEMENTS", "Deployment", "DeviceState", "code_region", "owner_of_programs", "run_deployed", "state_of"]
+__all__ = [
+    "BATCH_MODES",
+    "PLACEMENTS",
+    "Deployment",
+    "DeviceState",
+    "code_region",
+    "owner_of_programs",
+    "run_deployed",
+    "state_of",
+]
 
 Coord = tuple[int, int, int]
 PLACEMENTS = {"spread": 0, "owner": 1}
 _PLACEMENT_NAMES = {v: k for k, v in PLACEMENTS.items()}
+BATCH_MODES = {"auto": 0, "off": 1}
+"""How a PE runs its instances: batched when the kernel allows it (``"auto"``), or one by one (``"off"``)."""
+_BATCH_NAMES = {v: k for k, v in BATCH_MODES.items()}
+FIRST_BATCH = 16
+"""Instances in a PE's first batch of a launch; later batches are sized from the lanes it used."""
+BATCH_LANES = 1 << 21
+"""Lanes (all instances) a batch aims at per access: bounds the memory of its arrays."""
+MAX_BATCH = 1024
+"""Most instances in one batch."""
 
 CODE_REGION_MAX = 1 << 20
 _LANG_DIR = str(Path(__file__).resolve().parent)
@@ -135,6 +156,16 @@ class DeviceState:
         self.pe_code: dict[Coord, dict[tuple[Any, ...], Kernel]] = {}
         self.pe_fetches = 0
         self.pe_hits = 0
+        self.batched = 0
+        """PE shares of launches run batched (several instances, one run of the body)."""
+        self.per_instance = 0
+        """PE shares of launches run one instance at a time."""
+        self.fallbacks: dict[str, str] = {}
+        """Kernel name -> why its last batch attempt ran per instance instead."""
+        self.unbatchable: dict[tuple[KernelId, tuple[Any, ...]], str] = {}
+        """Kernels (with their scalar arguments) whose body cannot run batched: not tried again."""
+        self.written: dict[str, set[str]] = {}
+        """Launch request id -> names of the pointer parameters its instances stored through."""
         self.paths: dict[tuple[Coord, Coord, bool, bool], tuple[list[NetLink], list[NetLink]]] = {}
         self.stores: dict[tuple[int, int, int, bool], MemoryStore] = {}
         self.last_launch: tuple[tuple[KernelRef, tuple[Any, ...]], _Launch, npt.NDArray[np.int64] | None] | None = None
@@ -249,15 +280,24 @@ class LaunchFormatError(ValueError):
 
 
 class _Launch:
-    __slots__ = ("first_tensor", "grid", "placement", "values")
+    __slots__ = ("batch", "first_tensor", "grid", "placement", "scalars", "values")
 
     def __init__(
-        self, values: dict[str, Any], grid: tuple[int, int, int], placement: str, first_tensor: TensorArg | None
+        self,
+        values: dict[str, Any],
+        grid: tuple[int, int, int],
+        placement: str,
+        first_tensor: TensorArg | None,
+        batch: str = "auto",
+        scalars: tuple[Any, ...] = (),
     ) -> None:
         self.values = values
         self.grid = grid
         self.placement = placement
         self.first_tensor = first_tensor
+        self.batch = batch
+        self.scalars = scalars
+        """Every scalar argument of the launch (with the grid): what a kernel's control flow may depend on."""
 
 
 _INT_OF_SIZE: dict[int, np.dtype[Any]] = {2: np.dtype(np.int16), 4: np.dtype(np.int32), 8: np.dtype(np.int64)}
@@ -350,9 +390,18 @@ def decode_launch(kern: Kernel, args: tuple[Any, ...], page_size: int) -> _Launc
     placement = _PLACEMENT_NAMES.get(code)
     if placement is None:
         raise LaunchFormatError(f"args[{pos}]: unknown placement code {code}")
+    batch = "auto"
+    if rd.i < len(args):
+        pos = rd.i
+        code = rd.int("batch", 0)
+        found = _BATCH_NAMES.get(code)
+        if found is None:
+            raise LaunchFormatError(f"args[{pos}]: unknown batch mode code {code}")
+        batch = found
     if rd.i != len(args):
-        raise LaunchFormatError(f"{len(args) - rd.i} unexpected args after args[{rd.i - 1}] (placement)")
-    return _Launch(values, grid, placement, first)
+        raise LaunchFormatError(f"{len(args) - rd.i} unexpected args after args[{rd.i - 1}] (batch mode)")
+    scalars = tuple((a.dtype, a.value) for a in args if isinstance(a, ScalarArg))
+    return _Launch(values, grid, placement, first, batch, scalars)
 
 
 def my_instances(cpu: PeCpu, msg: KernelLaunchMsg, launch: _Launch, owners: npt.NDArray[np.int64] | None) -> list[int]:
@@ -423,18 +472,35 @@ def _user_frame(exc: BaseException) -> str:
     return f" [at {best}]" if best else ""
 
 
-async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, st: DeviceState) -> str | None:
-    """Run one program instance synchronously, then sleep until its accounted end; return an error or None."""
-    sim = cpu.sim
-    dev = cpu.device
+def _pid(launch: _Launch, linear: int) -> tuple[int, int, int]:
     g0, g1, _ = launch.grid
-    pid = (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
-    start = sim.now
+    return (linear % g0, (linear // g0) % g1, linear // (g0 * g1))
+
+
+def _context(
+    cpu: PeCpu, kern: Kernel, launch: _Launch, pid: tuple[int, int, int], st: DeviceState, cache: SegmentCache | None
+) -> ProgramContext:
+    """An instance's context; ``cache`` None translates through the PE's DMA engine directly."""
+    dev = cpu.device
     node = dev.pes[cpu.sip][cpu.cube][cpu.pe]
-    ctx = ProgramContext(dev, node, kern.short_name, pid, launch.grid, start, st.paths, st.stores)
-    tracer = sim.tracer
+    return ProgramContext(dev, node, kern.short_name, pid, launch.grid, cpu.sim.now, st.paths, st.stores, cache)
+
+
+async def _run_instance(
+    cpu: PeCpu,
+    kern: Kernel,
+    launch: _Launch,
+    linear: int,
+    st: DeviceState,
+    cache: SegmentCache | None,
+    written: set[str],
+) -> str | None:
+    """Run one program instance synchronously, then sleep until its accounted end; return an error or None."""
+    pid = _pid(launch, linear)
+    ctx = _context(cpu, kern, launch, pid, st, cache)
+    tracer = cpu.sim.tracer
     if tracer is not None:
-        tracer.emit("kernel", kern.short_name, cpu.name, start, None, {"program_id": list(pid)})
+        tracer.emit("kernel", kern.short_name, cpu.name, ctx.start, None, {"program_id": list(pid)})
     error: str | None = None
     head = f"{cpu.name}: kernel {kern.short_name!r} program {pid}"
     with ctx:
@@ -450,11 +516,20 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
         except Exception as exc:
             error = f"{head} raised {type(exc).__name__}: {exc}{_user_frame(exc)}"
         ctx.flush_compute()
+    written |= ctx.stored
+    await _replay(cpu, kern, ctx, error)
+    return error
+
+
+async def _replay(cpu: PeCpu, kern: Kernel, ctx: ProgramContext, error: str | None) -> None:
+    """Pay an executed instance's timeline in virtual time; busy time and the trace span."""
+    start = ctx.start
     end = await ctx.replay()
     # The whole instance occupies the PE_CPU: count it as busy time, reported once.
     cpu.busy_ps += end - start
     if cpu.on_busy is not None:
         cpu.on_busy(cpu, start, end, f"kernel {kern.short_name}")
+    tracer = cpu.sim.tracer
     if tracer is not None:
         tracer.emit(
             "kernel",
@@ -463,7 +538,7 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
             start,
             end - start,
             {
-                "program_id": list(pid),
+                "program_id": list(ctx.pid),
                 "flops": ctx.flops_total,
                 "bytes_loaded": ctx.bytes_loaded,
                 "bytes_stored": ctx.bytes_stored,
@@ -471,7 +546,40 @@ async def _run_instance(cpu: PeCpu, kern: Kernel, launch: _Launch, linear: int, 
                 "error": error,
             },
         )
-    return error
+
+
+def _batch(
+    cpu: PeCpu, kern: Kernel, launch: _Launch, ids: list[int], st: DeviceState, cache: SegmentCache, written: set[str]
+) -> BatchContext | tuple[str, bool]:
+    """Run the body once for all ``ids`` (see :mod:`kbus.lang.batch`): the batch (executed), or why not.
+
+    Why not is ``(reason, static)``: static reasons are properties of the
+    code and its scalar arguments (trying again would fail again). On any
+    failure nothing is left behind: the batch's stores are undone and its
+    translations uncharged, so the instances can run one by one.
+    """
+    if cpu.device.pes[cpu.sip][cpu.cube][cpu.pe].engine.tlb_entries:
+        return "the PE's DMA engine has a TLB, whose state depends on the order of translations", True
+    pids = [_pid(launch, i) for i in ids]
+    contexts = [_context(cpu, kern, launch, pid, st, cache) for pid in pids]
+    data = _context(cpu, kern, launch, pids[0], st, cache)
+    bctx = BatchContext(contexts, np.array(pids, dtype=np.int64), cache, data)
+    try:
+        with bctx:
+            result = kern.fn(**launch.values)
+            if result is not None:
+                raise Unbatchable(f"the kernel returned a {type(result).__name__}")
+            bctx.finish()
+    except Exception as exc:
+        bctx.abort()
+        if isinstance(exc, Unbatchable):
+            return str(exc) + _user_frame(exc), not isinstance(exc, Overlap)
+        msg = (
+            f"an instance raised {type(exc).__name__}: {exc}{_user_frame(exc)} (each instance runs alone to report it)"
+        )
+        return msg, False
+    written |= bctx.stored
+    return bctx
 
 
 def _decoded(
@@ -480,7 +588,8 @@ def _decoded(
     """The launch's values and, for owner placement, the owner of each pid0 (memoized per message)."""
     key = (msg.kernel_ref, msg.args)
     last = st.last_launch
-    if last is not None and (last[0] is key or last[0] == key):
+    # The PEs of one launch usually hold the very same message objects: compare by identity first.
+    if last is not None and ((last[0][0] is key[0] and last[0][1] is key[1]) or last[0] == key):
         return last[1], last[2]
     launch = decode_launch(kern, msg.args, cpu.device.config.memory.page_size)
     owners = None
@@ -506,8 +615,56 @@ async def run_deployed(cpu: PeCpu, msg: KernelLaunchMsg) -> tuple[str | None, An
         ids = my_instances(cpu, msg, launch, owners)
     except (LaunchFormatError, ValueError) as exc:
         return f"{cpu.name}: kernel {kern.short_name!r}: malformed launch: {exc}", None
-    for linear in ids:
-        error = await _run_instance(cpu, kern, launch, linear, st)
+    written = st.written.setdefault(msg.request_id, set())
+    done = 0  # instances of `ids` run so far (batched)
+    if len(ids) > 1 and launch.batch == "auto":
+        key = (kern.id, launch.scalars)
+        reason = st.unbatchable.get(key)
+        chunk = FIRST_BATCH
+        while reason is None and len(ids) - done > 1:
+            part = ids[done : done + chunk]
+            cache = SegmentCache(cpu.device.pes[cpu.sip][cpu.cube][cpu.pe])
+            outcome = _batch(cpu, kern, launch, part, st, cache, written)
+            if not isinstance(outcome, BatchContext):
+                reason, static = outcome
+                if static:
+                    st.unbatchable[key] = reason  # a property of the code: do not try again
+                break
+            if done == 0:
+                st.batched += 1
+            tracer = cpu.sim.tracer
+            for ctx in outcome.contexts:
+                ctx.start = cpu.sim.now
+                if tracer is not None:
+                    tracer.emit(
+                        "kernel",
+                        kern.short_name,
+                        cpu.name,
+                        ctx.start,
+                        None,
+                        {"program_id": list(ctx.pid), "batched": len(part)},
+                    )
+                await _replay(cpu, kern, ctx, None)
+            done += len(part)
+            # Next batch: as many instances as keep its arrays near BATCH_LANES lanes.
+            lanes = max(1, outcome.lanes)
+            chunk = max(2, min(MAX_BATCH, BATCH_LANES // lanes))
+        if reason is not None:
+            st.fallbacks[kern.short_name] = f"{cpu.name}: {reason}"
+            tracer = cpu.sim.tracer
+            if tracer is not None:
+                tracer.emit(
+                    "kernel",
+                    kern.short_name,
+                    cpu.name,
+                    cpu.sim.now,
+                    None,
+                    {"batch_fallback": st.fallbacks[kern.short_name], "instances": len(ids) - done},
+                )
+    if done < len(ids):
+        st.per_instance += 1
+    for linear in ids[done:]:
+        error = await _run_instance(cpu, kern, launch, linear, st, None, written)
         if error is not None:
             return error, None
     return None, len(ids)

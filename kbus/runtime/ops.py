@@ -24,7 +24,7 @@ from ..sim import Sim, SimFuture
 from .builtins import DTYPE_NAMES, DTYPES_BY_NAME, encode_scalar, encode_tensor, run_concurrently
 from .mapping import DeviceMemory, target_groups
 from .policy import Coord, DPPolicy, Replicate, Shard, resolve_targets
-from .queue import Command, CommandQueue
+from .queue import Command, CommandQueue, FailureReport
 from .scope import SCOPES
 from .tensor import Tensor, _Storage, check_freed
 from .transfer import HostTransfers
@@ -431,17 +431,20 @@ class TensorOps:
     ) -> Awaitable[Any]:
         """Run a kernel: a builtin by ``name``, or a :func:`kbus.kernel` over ``grid``.
 
-        Builtins: ``torch.launch("add", a, b, out, targets=...)``; ``targets``
+        Builtins: ``torch.launch("add", out, a, b, targets=...)``; ``targets``
         is None (every PE) or PE coordinates / global PE indices. Tensor
-        arguments are encoded as in :mod:`kbus.runtime.builtins`; the launch
-        waits for every tensor argument, and since the kernel may write them,
-        later work on them waits for the launch. ``await`` the result for the
-        responses; a failure raises :class:`~kbus.KernelError`.
+        arguments are encoded as in :mod:`kbus.runtime.builtins`, whose
+        kernels take their output first: the launch waits for every tensor
+        argument, later work on the output (the first tensor argument) waits
+        for it, and so do later writes to the others. ``await`` the result
+        for the responses; a failure raises :class:`~kbus.KernelError` and
+        fails the output only (the inputs stay usable).
 
         Kernels of the kernel language: ``await torch.launch(kern, grid=(g0,),
         args=(x, y, out, n), BLOCK=256)`` (``args=`` or positional arguments,
-        constexprs as keywords, ``placement="spread" | "owner"``) — the same
-        as ``kern[grid](x, y, out, n, BLOCK=256)``.
+        constexprs as keywords, ``placement="spread" | "owner"``,
+        ``batch="auto" | "off"``) — the same as
+        ``kern[grid](x, y, out, n, BLOCK=256)``.
         """
         if not isinstance(name, str):
             from ..lang import Kernel, queue_launch
@@ -487,10 +490,12 @@ class TensorOps:
                     encoded.append(encode_scalar(a))
                 except TypeError as exc:
                     raise TypeError(f"{where}: argument {i}: {exc}") from None
+        # Builtins take their output first (``(out, x, y)``): a failed launch fails that tensor only.
+        written, read = storages[:1], storages[1:]
         coords = resolve_targets(Replicate(targets), self.config)
         frozen = tuple(encoded)
         return self._ordered(
-            f"launch {name}({self._names(*args)})", lambda: self._launch(name, frozen, list(coords)), [], storages
+            f"launch {name}({self._names(*args)})", lambda: self._launch(name, frozen, list(coords)), read, written
         )
 
     def submit(
@@ -500,6 +505,7 @@ class TensorOps:
         reads: Sequence[Tensor] = (),
         writes: Sequence[Tensor] = (),
         label: str = "submit",
+        failure: Callable[[T], tuple[BaseException, Sequence[Tensor]] | None] | None = None,
     ) -> SimFuture[T]:
         """Run ``fn()`` on the work queue, ordered like an operation on ``reads`` and ``writes``.
 
@@ -510,6 +516,14 @@ class TensorOps:
         a kernel language launches deployed kernels in queue order). Returns a
         future of ``fn``'s result; a failure fails ``writes`` like a failed
         operation.
+
+        ``failure`` is for work that returns its failure as a result (a
+        kernel launch): called with the result, it answers None (success) or
+        the error and the tensors of ``writes`` the work failed to produce.
+        Only those fail (later work on them raises the error); the others
+        stay usable. The error is then also reported (see
+        :class:`~kbus.runtime.queue.FailureReport`): unless something
+        observes it first, ``synchronize()`` and closing the device raise it.
         """
         where = f"submit({label!r})"
         self._check_open(where)
@@ -519,10 +533,15 @@ class TensorOps:
             self.check_tensor(t, where)
         written = list(dict.fromkeys(t._storage for t in writes))
         read = [st for st in dict.fromkeys(t._storage for t in reads) if st not in written]
-        return self._ordered(label, fn, read, written)
+        return self._ordered(label, fn, read, written, failure)
 
     def _ordered(
-        self, label: str, fn: Callable[[], Awaitable[T]], reads: list[_Storage], writes: list[_Storage]
+        self,
+        label: str,
+        fn: Callable[[], Awaitable[T]],
+        reads: list[_Storage],
+        writes: list[_Storage],
+        failure: Callable[[T], tuple[BaseException, Sequence[Tensor]] | None] | None = None,
     ) -> SimFuture[T]:
         done: SimFuture[T] = self.sim.create_future(label)
         cmd = Command(
@@ -533,10 +552,44 @@ class TensorOps:
             soft=[r for st in writes for r in st.readers],
             reads=[*reads, *writes],
         )
+        if failure is not None:
+            cmd.after = self._settle(label, writes, failure)
         self._queue.enqueue(cmd)
-        for st in writes:
-            st.ready = done
+        if failure is None:
+            for st in writes:
+                st.ready = done
         return done
+
+    def _settle(
+        self,
+        label: str,
+        writes: list[_Storage],
+        failure: Callable[[T], tuple[BaseException, Sequence[Tensor]] | None],
+    ) -> Callable[[Any, BaseException | None], None]:
+        """Give each written tensor its own readiness: failed only if the work failed to produce it."""
+        ready: dict[_Storage, SimFuture[Any]] = {st: self.sim.create_future(f"{label}: {st.name}") for st in writes}
+        for st, fut in ready.items():
+            st.ready = fut
+
+        def after(result: Any, error: BaseException | None) -> None:
+            found = failure(result) if error is None else (error, [])
+            if found is None:
+                for fut in ready.values():
+                    fut.set_result(result)
+                return
+            exc, lost = found
+            if error is None:
+                FailureReport(self._queue, exc, label)
+                bad = {t._storage for t in lost}
+            else:
+                bad = set(ready)  # the command did not run (an input failed): nothing it writes is there
+            for st, fut in ready.items():
+                if st in bad:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+
+        return after
 
     # -- internals: checks and names --------------------------------------------------------------
 

@@ -12,11 +12,20 @@ insertion order, so the same program always takes the same virtual time.
 A command that fails stores its error in its future, naming the operation;
 commands that depend on it fail the same way (:class:`InputFailed`);
 everything else carries on.
+
+Some work reports its failure as its *result* (a kernel launch: the tensors it
+did not write stay usable). Such a failure is registered as a
+:class:`FailureReport` among the queue's in-flight entries until someone
+observes it (awaits the launch, a tensor it failed to write, or work that
+depended on one); an entry whose wait raises while it is not done is what
+``synchronize()`` re-raises, so an unobserved failure surfaces there (and at
+device close) at the latest, and warns if it is never observed at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import warnings
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
@@ -25,7 +34,7 @@ from ..sim import Inbox, Sim, SimFuture
 if TYPE_CHECKING:
     from .tensor import _Storage
 
-__all__ = ["Command", "CommandQueue", "InputFailed"]
+__all__ = ["Command", "CommandQueue", "FailureReport", "InputFailed", "observe"]
 
 Mapper = Callable[["_Storage", list[SimFuture[Any]]], Coroutine[Any, Any, BaseException | None]]
 """Maps a new tensor's VA range after the given unmaps; returns the error instead of raising."""
@@ -40,7 +49,7 @@ class Command:
     command reads (their frees wait for it).
     """
 
-    __slots__ = ("creates", "deps", "done", "label", "reads", "soft", "work")
+    __slots__ = ("after", "creates", "deps", "done", "label", "reads", "soft", "work")
 
     def __init__(
         self,
@@ -52,7 +61,10 @@ class Command:
         soft: Sequence[SimFuture[Any]] = (),
         creates: Sequence[tuple[_Storage, list[SimFuture[Any]]]] = (),
         reads: Sequence[_Storage] = (),
+        after: Callable[[Any, BaseException | None], None] | None = None,
     ) -> None:
+        self.after = after
+        """Called with (result, error) right after ``done`` is resolved."""
         self.label = label
         self.done = done
         self.work = work
@@ -76,6 +88,57 @@ def _root(exc: BaseException) -> str:
     return root if isinstance(root, str) else f"{type(exc).__name__}: {exc}"
 
 
+class FailureReport:
+    """A failure that work returned as its result, waiting for someone to observe it.
+
+    It sits among :attr:`CommandQueue.inflight` until observed. Awaiting it
+    raises the failure and counts as observing it; :meth:`done` stays False,
+    so ``synchronize()`` (which re-raises a wait that fails on an entry not
+    yet done) raises it. Dropped unobserved, it warns (``RuntimeWarning``).
+    """
+
+    __slots__ = ("error", "label", "observed", "queue")
+
+    def __init__(self, queue: CommandQueue, error: BaseException, label: str) -> None:
+        self.queue = queue
+        self.error = error
+        self.label = label
+        self.observed = False
+        error.kbus_report = self  # type: ignore[attr-defined]
+        queue.inflight[self] = None
+
+    def observe(self) -> None:
+        """The failure reached a user: it is no longer reported."""
+        self.observed = True
+        self.queue.inflight.pop(self, None)
+
+    def done(self) -> bool:
+        return False
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._raise().__await__()
+
+    async def _raise(self) -> None:
+        self.observe()
+        raise self.error
+
+    def __del__(self) -> None:
+        if not self.observed:
+            warnings.warn(f"{self.label} failed and nothing observed it: {self.error}", RuntimeWarning, stacklevel=1)
+
+
+def observe(exc: BaseException) -> None:
+    """Mark the failures behind ``exc`` (its chain of causes) observed: ``exc`` is being raised to a user."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            return
+        report = getattr(seen, "kbus_report", None)
+        if isinstance(report, FailureReport):
+            report.observe()
+        seen = seen.__cause__
+
+
 class CommandQueue:
     """The FIFO of :class:`Command` objects and the simulated daemon that starts them."""
 
@@ -83,8 +146,8 @@ class CommandQueue:
         self.sim = sim
         self.name = name
         self._mapper = mapper
-        self.inflight: dict[SimFuture[Any], None] = {}
-        """Futures of the commands queued or running (in queue order)."""
+        self.inflight: dict[SimFuture[Any] | FailureReport, None] = {}
+        """Futures of the commands queued or running (in queue order), and unobserved failure reports."""
         self._inbox: Inbox[Command] = Inbox(sim, (Command,), capacity=1 << 40, name=name)
         self._dispatcher = sim.spawn(self._dispatch(), name=f"{name}.dispatch", daemon=True)
 
@@ -132,10 +195,13 @@ class CommandQueue:
             except Exception as exc:
                 error = exc
         del work
-        if error is None:
+        wrapped = None if error is None else CommandQueue._wrap(cmd, error)
+        if wrapped is None:
             cmd.done.set_result(result)
         else:
-            cmd.done.set_exception(CommandQueue._wrap(cmd, error))
+            cmd.done.set_exception(wrapped)
+        if cmd.after is not None:
+            cmd.after(result, wrapped)
         self.inflight.pop(cmd.done, None)
         for st in cmd.reads:
             st.readers.pop(cmd.done, None)
@@ -146,6 +212,7 @@ class CommandQueue:
         responses: tuple[Any, ...] = ()
         if isinstance(exc, InputFailed):
             cause = exc.cause
+            observe(cause)  # handed on: this command's failure now carries it
             root = _root(cause)
             msg = (
                 f"{cmd.label}: input {exc.storage.describe()} is unavailable because an earlier command failed: {root}"
@@ -169,8 +236,8 @@ class CommandQueue:
         """Wait until every queued command (including frees) has finished.
 
         Failures of commands are not raised here; they stay with the tensors
-        they concern. A :class:`~kbus.DeadlockError` (work that can never
-        finish) is raised.
+        they concern. An unobserved :class:`FailureReport` and a
+        :class:`~kbus.DeadlockError` (work that can never finish) are raised.
         """
         while self.inflight:
             for fut in list(self.inflight):

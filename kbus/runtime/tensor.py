@@ -36,6 +36,7 @@ from ..protocol import TensorArg, TensorArgShard
 from ..sim import SimFuture
 from .builtins import TensorDesc
 from .policy import Coord, DPPolicy, Placement
+from .queue import observe
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -292,7 +293,11 @@ class Tensor:
 
     async def _wait(self) -> Tensor:
         self._backend.check_tensor(self, "await")
-        await self._storage.ready
+        try:
+            await self._storage.ready
+        except Exception as exc:
+            observe(exc)  # a failure reported elsewhere (a kernel launch's) has now reached the user
+            raise
         return self
 
     def numpy(self) -> SimFuture[npt.NDArray[Any]]:

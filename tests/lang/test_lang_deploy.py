@@ -100,7 +100,7 @@ async def test_blob_is_where_the_ref_says_and_holds_no_code() -> None:
 
 
 @pytest.mark.asyncio
-async def test_launch_message_references_the_blob_and_round_trips_the_codec() -> None:
+async def test_launch_message_references_the_blob_and_round_trips_the_codec(batch_mode: str) -> None:
     async with kbus.open_device("tiny") as torch:
         seen: list[Any] = []
         torch.device.on_request = lambda phase, msg, responses, now: seen.append(msg) if phase == "begin" else None
@@ -118,9 +118,11 @@ async def test_launch_message_references_the_blob_and_round_trips_the_codec() ->
         assert "kl.store" not in repr(msg) and source not in repr(msg)
         ta = msg.args[0]
         assert isinstance(ta, TensorArg) and ta.va_base == out.addr
-        # tensor group, then n (int), value (f32), BLOCK (int), then grid x3 and placement
+        # tensor group, then n (int), value (f32), BLOCK (int), then grid x3 and placement, then the batch
+        # mode unless it is the default ("off" is code 1)
         assert msg.args[1] == ScalarArg("f32", 1)
-        assert msg.args[-7:] == (
+        mode = (ScalarArg("i64", 1),) if batch_mode == "off" else ()
+        assert msg.args[-7 - len(mode) :] == (
             ScalarArg("int", 100),
             ScalarArg("f32", 2.5),
             ScalarArg("int", 128),
@@ -128,6 +130,7 @@ async def test_launch_message_references_the_blob_and_round_trips_the_codec() ->
             ScalarArg("i64", 1),
             ScalarArg("i64", 1),
             ScalarArg("i64", 0),
+            *mode,
         )
         np.testing.assert_array_equal(await out.numpy(), np.full(100, 2.5, np.float32))
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 import kbus
 import kbus.lang as kl
+from kbus.runtime.queue import FailureReport
 
 
 @kbus.kernel
@@ -51,18 +53,83 @@ async def test_free_waits_for_the_launch() -> None:
         np.testing.assert_array_equal(await out.numpy(), np.full(2048, 3, np.float32))
 
 
+@kbus.kernel
+def store_then_fault(x_ptr, out_ptr, BLOCK: kl.constexpr):
+    offs = kl.program_id(0) * BLOCK + kl.arange(0, BLOCK)
+    kl.store(out_ptr + offs, kl.load(x_ptr + offs) * 2)
+    kl.load(x_ptr - (1 << 40))
+
+
 @pytest.mark.asyncio
-async def test_failure_goes_to_the_awaiter_and_tensors_stay_usable() -> None:
+async def test_failure_goes_to_the_awaiter_and_tensors_it_did_not_write_stay_usable() -> None:
     async with kbus.open_device("tiny") as torch:
         x = torch.tensor(np.ones(16, np.float32))
         with pytest.raises(kbus.KernelError, match=r"kernel 'fault' failed on 1 of 1 PE\(s\).*faulted at VA"):
             await fault[(1,)](x)
         np.testing.assert_array_equal(await (x * 2).numpy(), np.full(16, 2, np.float32))
-        handle = fault[(1,)](x)
-        await torch.synchronize()
-        with pytest.warns(RuntimeWarning, match=r"kernel fault\[1, 1, 1\] failed and was never awaited"):
-            del handle
-            gc.collect()
+        await torch.synchronize()  # that failure was observed: nothing to report
+
+
+@pytest.mark.asyncio
+async def test_unawaited_failure_is_raised_by_synchronize_once() -> None:
+    async with kbus.open_device("tiny") as torch:
+        x = torch.tensor(np.ones(16, np.float32))
+        fault[(1,)](x)  # never awaited
+        with pytest.raises(kbus.KernelError, match=r"kernel 'fault' failed on 1 of 1 PE\(s\).*faulted at VA"):
+            await torch.synchronize()
+        await torch.synchronize()  # raised once
+        np.testing.assert_array_equal(await x.numpy(), np.ones(16, np.float32))
+
+
+@pytest.mark.asyncio
+async def test_unawaited_failure_is_raised_at_the_next_await_on_a_tensor_it_wrote() -> None:
+    async with kbus.open_device("tiny") as torch:
+        x = torch.tensor(np.ones(1024, np.float32))
+        out = torch.zeros(1024, dtype=np.float32)
+        handle = store_then_fault[(1,)](x, out, BLOCK=1024)
+        del handle
+        gc.collect()
+        with pytest.raises(kbus.KernelError, match=r"kernel 'store_then_fault' failed .* program \(0, 0, 0\) faulted"):
+            await out
+        with pytest.raises(
+            kbus.KernelError,
+            match=r"unavailable because an earlier command failed: KernelError: kernel 'store_then_fault'",
+        ):
+            await (out + 1).numpy()
+        np.testing.assert_array_equal(await x.numpy(), np.ones(1024, np.float32))  # read, not written
+        await torch.synchronize()  # observed through `out`: not raised again
+
+
+@pytest.mark.asyncio
+async def test_unawaited_failure_is_raised_at_device_close() -> None:
+    with pytest.raises(kbus.KernelError, match=r"kernel 'fault' failed on 1 of 1 PE\(s\)"):
+        async with kbus.open_device("tiny") as torch:
+            x = torch.tensor(np.ones(16, np.float32))
+            fault[(1,)](x)
+
+
+@pytest.mark.asyncio
+async def test_unobserved_failure_warns_naming_the_kernel() -> None:
+    with pytest.warns(RuntimeWarning, match=r"KernelError\(\"kernel 'fault' failed"), pytest.raises(ZeroDivisionError):
+        async with kbus.open_device("tiny") as torch:
+            x = torch.tensor(np.ones(16, np.float32))
+            fault[(1,)](x)
+            await x
+            1 / 0  # noqa: B018  # the body fails first: closing can only warn about the launch
+
+
+def test_a_failure_report_dropped_unobserved_warns() -> None:
+    class Queue:
+        inflight: ClassVar[dict[object, None]] = {}
+
+    report = FailureReport(
+        Queue(), kbus.KernelError("kernel 'k' failed on 1 of 1 PE(s): boom", ()), "kernel k[1, 1, 1]"
+    )
+    assert Queue.inflight == {report: None}
+    Queue.inflight.clear()
+    with pytest.warns(RuntimeWarning, match=r"kernel k\[1, 1, 1\] failed and nothing observed it: kernel 'k' failed"):
+        del report
+        gc.collect()
 
 
 @pytest.mark.asyncio

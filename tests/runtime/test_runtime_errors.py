@@ -229,3 +229,27 @@ async def test_work_that_can_never_finish_is_a_deadlock_not_a_hang() -> None:
         await session.__aexit__(None, None, None)  # closing cannot wait for it either
     assert torch.closed and t.is_freed
     assert torch.sim.tasks() == []
+
+
+@pytest.mark.asyncio
+async def test_a_failed_builtin_launch_fails_its_output_not_its_inputs() -> None:
+    async with kbus.open_device("tiny") as torch:
+        x = np.arange(8, dtype=np.float32)
+        a = torch.tensor(x, name="a")
+        out = torch.zeros(8, name="out")
+
+        async def broken(cpu: Any, msg: Any) -> tuple[str | None, int | float | None]:
+            return f"{cpu.name}: simulated ALU fault", None
+
+        torch.register_builtin("broken", broken)
+        launch = torch.launch("broken", out, a, 2.0, targets=[0])  # builtins take their output first
+        with pytest.raises(kbus.KernelError, match=r"launch broken\('out' \(8,\) float32, 'a'.*simulated ALU fault"):
+            await launch
+        # The input is read, not written: it stays readable; the output carries the failure.
+        np.testing.assert_array_equal(await a.numpy(), x)
+        np.testing.assert_array_equal(await (a + 1).numpy(), x + 1)
+        with pytest.raises(kbus.KernelError, match="simulated ALU fault"):
+            await out
+        with pytest.raises(kbus.KernelError, match=r"input 'out' .*earlier command failed.*simulated ALU fault"):
+            await out.numpy()
+        await still_works(torch)
