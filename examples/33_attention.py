@@ -17,7 +17,8 @@ What this shows, in order:
 
 Checked against numpy on the ``tiny`` and ``default`` presets.
 
-Run: ``python examples/33_attention.py`` (exits non-zero on a wrong result).
+Run: ``python examples/33_attention.py [preset ...]`` (default: tiny, then default; exits non-zero on a wrong
+result).
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ async def run(preset: str) -> None:
         )
 
 
+PRESETS = ("tiny", "default")
+
+
 async def main() -> None:
-    for preset in ("tiny", "default"):
+    for preset in sys.argv[1:] or PRESETS:
         await run(preset)
 
 

@@ -30,10 +30,19 @@ SCRIPTS = sorted(
 TIMEOUT_S = 120
 
 
-def _preset(script: Path) -> str:
-    found = set(re.findall(r'open_device\("(\w+)"', script.read_text()))
-    assert len(found) == 1, f"{script.name}: expected one preset, found {found}"
-    return found.pop()
+def _presets(script: Path) -> tuple[list[str], bool]:
+    """The presets a script opens, and whether it takes them as arguments (a ``PRESETS`` tuple it loops over)."""
+    text = script.read_text()
+    found = set(re.findall(r'open_device\("(\w+)"', text))
+    if found:
+        assert len(found) == 1, f"{script.name}: expected one preset, found {found}"
+        return sorted(found), False
+    listed = re.search(r"^PRESETS = \(([^)]*)\)", text, re.MULTILINE)
+    assert listed, f"{script.name}: names no preset literal and has no PRESETS tuple"
+    return re.findall(r'"(\w+)"', listed.group(1)), True
+
+
+RUNS = [(script, preset, takes) for script in SCRIPTS for presets, takes in [_presets(script)] for preset in presets]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +53,7 @@ def servers() -> Iterator[dict[str, str]]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("KBUS_CONNECT", None)
     try:
-        for preset in sorted({_preset(s) for s in SCRIPTS} | {"tiny"}):
+        for preset in sorted({preset for _, preset, _ in RUNS} | {"tiny"}):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kbus", "serve", "--preset", preset, "--port", "0"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -71,14 +80,17 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 def test_the_runtime_examples_are_found() -> None:
-    assert {p.name[:2] for p in SCRIPTS} >= {"20", "30", "31", "32"}
+    assert {p.name[:2] for p in SCRIPTS} >= {"20", "30", "31", "32", "33", "34"}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
-def test_example_runs_against_a_served_device(script: Path, servers: dict[str, str]) -> None:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "KBUS_CONNECT": servers[_preset(script)]}
+@pytest.mark.parametrize(("script", "preset", "takes_preset"), RUNS, ids=[f"{s.name}-{p}" for s, p, _ in RUNS])
+def test_example_runs_against_a_served_device(
+    script: Path, preset: str, takes_preset: bool, servers: dict[str, str]
+) -> None:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "KBUS_CONNECT": servers[preset]}
     env.pop("PYTEST_ADDOPTS", None)
-    proc = _run([sys.executable, "-W", "error::RuntimeWarning", str(script)], env)
+    args = [sys.executable, "-W", "error::RuntimeWarning", str(script)] + ([preset] if takes_preset else [])
+    proc = _run(args, env)
     assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.strip() and "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
 
