@@ -93,6 +93,8 @@ class Flow:
     """One transfer of ``nbytes`` over ``links``; see the module docstring for its timing."""
 
     __slots__ = (
+        "_new",
+        "_seen",
         "ctx",
         "deadline",
         "done",
@@ -136,6 +138,8 @@ class Flow:
         self.lazy = False  # alone on its route: no timer of its own, see Network.start
         self.deadline = 0  # when a lazy flow drains
         self.owner_timer: Any = None  # the owner's callback at a lazy flow's arrival, cancelled if it slows down
+        self._seen = 0  # scratch of Network._reshare: the pass that last visited this flow
+        self._new = 0  # scratch of Network._reshare: the rate given in that pass (0: not fixed yet)
 
     def __repr__(self) -> str:
         route = " -> ".join(link.name for link in self.links)
@@ -151,9 +155,12 @@ class NetLink:
     """
 
     __slots__ = (
+        "_cap",
         "_carrying",
+        "_cnt",
         "_delays",
         "_held",
+        "_seen",
         "_stall_waiters",
         "alloc",
         "bandwidth",
@@ -202,6 +209,9 @@ class NetLink:
         self._stall_waiters: list[SimFuture[None]] = []
         self.stalled_on: str | None = None
         self._carrying = f"link {name!r} carrying a message"
+        self._seen = 0  # scratch of Network._reshare: the pass that last visited this resource
+        self._cap = 0  # scratch of Network._reshare: bandwidth not yet given to fixed flows
+        self._cnt = 0  # scratch of Network._reshare: flows not yet fixed
         self.on_send: Any = None
         """Hook ``on_send(link, msg, nbytes, start_ps, deliver_ps)`` for tracing; None costs nothing.
 
@@ -362,6 +372,7 @@ class Network:
         self._dirty: dict[NetLink, None] = {}
         self.reshares = 0
         """How many max-min recomputations ran (each over one connected component)."""
+        self._pass = 0  # numbers the recomputations, marking what each one visited
 
     def start(self, links: Sequence[NetLink], nbytes: int, on_end: OnEnd, msg: Any = None, ctx: Any = None) -> Flow:
         """Start moving ``nbytes`` over ``links`` now; ``on_end(flow, arrive_ps)`` runs when the last byte left.
@@ -517,77 +528,84 @@ class Network:
             self._reshare(seeds)
 
     def _reshare(self, seeds: Sequence[NetLink]) -> None:
-        """Max-min fair rates for the flows connected to ``seeds``; re-arm the timers that changed."""
+        """Max-min fair rates for the flows connected to ``seeds``; re-arm the timers that changed.
+
+        Most components are a few flows on a few links, so the constant cost
+        matters: the pass keeps its scratch (visited mark, capacity and count
+        left, new rate) in the flows' and links' own slots instead of sets and
+        dicts built per call.
+        """
         sim = self.sim
         now = sim.now
         self.reshares += 1
+        mark = self._pass = self._pass + 1
+        # The connected component, depth first from the seeds (its order fixes the filling's order).
         links: list[NetLink] = []
-        seen_l: set[NetLink] = set(seeds)
-        seen_f: set[Flow] = set()
         flows: list[Flow] = []
+        for link in seeds:
+            link._seen = mark
         stack = list(seeds)
         stack.reverse()
         while stack:
             link = stack.pop()
             links.append(link)
-            for f in link.flows:
-                if f not in seen_f:
-                    seen_f.add(f)
-                    flows.append(f)
-                    for other in f.links:
-                        if other not in seen_l:
-                            seen_l.add(other)
-                            stack.append(other)
-        for link in links:
             if link.alloc:
                 link.work += link.alloc * (now - link.t_mark)
             link.t_mark = now
-        for f in flows:
-            if f.rate:
-                f.remaining -= f.rate * (now - f.t_upd)
-            f.t_upd = now
+            link._cap = link.bandwidth
+            link._cnt = len(link.flows)
+            for f in link.flows:
+                if f._seen != mark:
+                    f._seen = mark
+                    f._new = 0
+                    if f.rate:
+                        f.remaining -= f.rate * (now - f.t_upd)
+                    f.t_upd = now
+                    flows.append(f)
+                    for other in f.links:
+                        if other._seen != mark:
+                            other._seen = mark
+                            stack.append(other)
         # Progressive filling in integer bytes/s: each round, the smallest fair share among the
         # resources still carrying unfixed flows is given to all their unfixed flows. Fixing a flow
         # at the smallest share never lowers another resource's share, so every resource at that
         # level is settled in the same round (in route order, so the result is deterministic).
-        cap = {link: link.bandwidth for link in links}
-        cnt = {link: len(link.flows) for link in links}
-        rates: dict[Flow, int] = {}
         left = len(flows)
-        active = [link for link in links if cnt[link]]
+        active = [link for link in links if link._cnt]
         while left:
             share = 0
             for link in active:
-                s = cap[link] // cnt[link]
+                s = link._cap // link._cnt
                 if not share or s < share:
                     share = s
             if share < 1:
                 share = 1  # only reachable with more flows than bytes/s of bandwidth
             for link in active:
-                n = cnt[link]
-                if n and cap[link] // n <= share:
+                n = link._cnt
+                if n and link._cap // n <= share:
                     for f in link.flows:
-                        if f not in rates:
-                            rates[f] = share
+                        if not f._new:
+                            f._new = share
                             left -= 1
                             for other in f.links:
-                                cap[other] -= share
-                                cnt[other] -= 1
-            active = [link for link in active if cnt[link]]
+                                other._cap -= share
+                                other._cnt -= 1
+            active = [link for link in active if link._cnt]
         for link in links:
             total = 0
             for f in link.flows:
-                total += rates[f]
+                total += f._new
             link.alloc = total
         call_at = sim.call_at
+        finish = self._finish
         for f in flows:
-            r = rates[f]
+            r = f._new
             if r != f.rate or f.timer is None:
                 if f.timer is not None:
                     f.timer.cancel()
                 f.rate = r
                 rem = f.remaining
-                f.timer = call_at(now - (-rem // r) if rem > 0 else now, self._finish, f)
+                f.timer = call_at(now - (-rem // r) if rem > 0 else now, finish, f)
 
     # ---------------------------------------------------------- packet model
     def _hop(self, flow: Flow, i: int, h: int, tail: int) -> None:
