@@ -59,7 +59,6 @@ import ipaddress
 import itertools
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Generator
 from http import HTTPStatus
 from typing import Any, Final
@@ -68,7 +67,7 @@ import attrs
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import CodecError, DeviceError
@@ -78,7 +77,7 @@ from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, 
 from ..sim import Sim
 from .kernels import install_kernels
 from .record import Recorder, read_range, write_bytes
-from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, WireFormat, decode_frame, encode_frame, send_all
+from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, Outbox, WireFormat, decode_frame, encode_frame
 from .wire import field as _field
 
 __all__ = ["DeviceServer", "serve_device"]
@@ -116,23 +115,22 @@ class _Conn:
         self.requests = 0
         self.resp_order: list[int] = []
         self.seen = 0
-        self.out: deque[bytes | str] = deque()
-        """Encoded frames not sent yet (sent in order by :meth:`write_loop`, small ones coalesced)."""
-        self.ready = asyncio.Event()
+        self.out: list[bytes | str] = []
+        """Encoded frames not handed to the outbox yet: flushed together after the current loop pass,
+        so the responses a burst of the device's engine produced go out in one write."""
+        self.outbox = Outbox(ws, f"kbus remote writer {n}")
         self.peer = ws.remote_address
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.out.append(encode_frame(frame, self.fmt))
-        self.ready.set()
+        out = self.out
+        if not out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        out.append(encode_frame(frame, self.fmt))
 
-    async def write_loop(self) -> None:
-        out, ready = self.out, self.ready
-        with contextlib.suppress(ConnectionClosed, InvalidState):
-            while True:
-                while out:
-                    await send_all(self.ws, [out.popleft() for _ in range(len(out))])
-                ready.clear()
-                await ready.wait()
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if self.open:
+            self.outbox.push(out)
 
 
 @attrs.define
@@ -265,7 +263,6 @@ class DeviceServer:
         self.stats.connections += 1
         if self.on_client is not None:
             self.on_client("connect", conn.n, _peer(conn), 0)
-        writer = asyncio.create_task(conn.write_loop(), name=f"kbus remote writer {conn.n}")
         # A new client is busy until it first acks (its script is setting up): hold time for it.
         self._hold_for(conn)
         conn.send(
@@ -300,9 +297,7 @@ class DeviceServer:
         finally:
             self._disconnect(conn)
             # Let queued frames go out only while the peer still listens.
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            await conn.outbox.aclose()
 
     def _disconnect(self, conn: _Conn) -> None:
         if not conn.open:

@@ -57,11 +57,16 @@ Client to server:
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 
 import msgpack
 import orjson
+from websockets.exceptions import ConnectionClosed, InvalidState
 
 from ..errors import CodecError
 
@@ -70,6 +75,7 @@ __all__ = [
     "FORMATS",
     "PROTOCOL_VERSION",
     "SUBPROTOCOLS",
+    "Outbox",
     "WireFormat",
     "decode_frame",
     "encode_frame",
@@ -96,29 +102,104 @@ T = TypeVar("T")
 COALESCE_BYTES: Final = 64 * 1024
 """Messages up to this size queued together go out in one transport write."""
 
+_BACKLOG_BYTES: Final = 4 * CHUNK_BYTES
+"""Transport write buffer beyond which the outbox waits for it to drain."""
 
-async def send_all(ws: Any, messages: list[bytes | str]) -> None:
-    """Send websocket messages in order, small ones coalesced into one transport write.
 
-    Each message is still its own websocket message (one frame each); only the
-    socket writes are batched, through the connection's sans-I/O protocol
-    (``ws.protocol.send_binary`` + ``data_to_send``): a write costs a system call
-    however small it is, and a burst of small frames (a window of requests, the
-    responses due at one instant) is common. Large messages (bulk data) go
-    through ``ws.send``, which applies the connection's backpressure; so does a
-    write buffer grown past a few chunks.
+class Outbox:
+    """The websocket messages one side has yet to send, sent in order.
+
+    Small messages go out at once, several in one transport write, without a
+    task switch: a system call and a wake-up of the peer cost far more than
+    the frame (tens of microseconds each on loopback), and a burst of small
+    frames (a window of requests, the responses due at one instant, an ack)
+    is the common case. Each is still its own websocket message, built by the
+    connection's sans-I/O protocol (``ws.protocol.send_binary`` +
+    ``data_to_send``). Large messages (bulk data) and anything queued behind
+    them go through a writer task and ``ws.send``, which applies the
+    connection's backpressure; so does a transport buffer grown past a few
+    chunks. ``on_lost(exc)`` hears of a connection that fails while writing.
     """
-    batch: list[bytes | str] = []
-    for data in messages:
-        if len(data) <= COALESCE_BYTES:
-            batch.append(data)
-            continue
-        _write(ws, batch)
-        batch = []
-        await ws.send(data)
-    _write(ws, batch)
-    if ws.transport.get_write_buffer_size() > 4 * CHUNK_BYTES:
-        await ws.drain()
+
+    def __init__(self, ws: Any, name: str, on_lost: Callable[[BaseException], object] | None = None) -> None:
+        self.ws = ws
+        self.name = name
+        self.on_lost = on_lost
+        self._queue: deque[bytes | str] = deque()
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def push(self, messages: list[bytes | str]) -> None:
+        """Send ``messages`` after everything pushed before (at once when they are small and nothing waits)."""
+        if self._closed or not messages:
+            return
+        ws = self.ws
+        if (
+            not self._queue
+            and all(len(m) <= COALESCE_BYTES for m in messages)
+            and ws.transport.get_write_buffer_size() <= _BACKLOG_BYTES
+        ):
+            try:
+                _write(ws, messages)
+            except (ConnectionClosed, InvalidState) as exc:
+                self._lose(exc)
+            return
+        self._queue.extend(messages)
+        self._drained.clear()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._write_loop(), name=self.name)
+        self._ready.set()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued behind a large message."""
+        return not self._queue
+
+    async def flushed(self) -> None:
+        """Wait until everything pushed so far has been handed to the transport."""
+        if self._task is not None and not self._task.done():
+            await self._drained.wait()
+
+    async def aclose(self) -> None:
+        """Stop sending (what is queued is dropped)."""
+        self._closed = True
+        self._queue.clear()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _lose(self, exc: BaseException) -> None:
+        self._closed = True
+        self._queue.clear()
+        self._drained.set()
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    async def _write_loop(self) -> None:
+        queue, ready, ws = self._queue, self._ready, self.ws
+        try:
+            while True:
+                while queue:
+                    batch: list[bytes | str] = []
+                    while queue and len(queue[0]) <= COALESCE_BYTES:
+                        batch.append(queue.popleft())
+                    _write(ws, batch)
+                    if queue:
+                        await ws.send(queue.popleft())
+                    elif ws.transport.get_write_buffer_size() > _BACKLOG_BYTES:
+                        await ws.drain()
+                self._drained.set()
+                ready.clear()
+                await ready.wait()
+        except (ConnectionClosed, InvalidState) as exc:
+            self._lose(exc)
+        finally:
+            self._drained.set()
 
 
 def _write(ws: Any, batch: list[bytes | str]) -> None:
