@@ -246,7 +246,8 @@ class RemoteDevice(Device):
         self._flush_scheduled = False
         self._quiet = 0
         self._polls = 0
-        self._out: list[dict[str, Any]] = []
+        self._out: list[dict[str, Any] | bytes | str] = []
+        """Frames to send (maps, or already encoded), flushed after the loop pass or with the ack."""
         self._outbox = Outbox(ws, f"kbus remote writer {url}", self._lost)
         self._closed = False
         self._failure: BaseException | None = None
@@ -386,7 +387,7 @@ class RemoteDevice(Device):
         if self._closed:
             raise RemoteError(f"the remote device at {self.url} is closed")
 
-    def _send(self, frame: dict[str, Any]) -> None:
+    def _send(self, frame: dict[str, Any] | bytes | str) -> None:
         """Queue a frame, sent after the current loop pass (with the frames queued meanwhile).
         While an ack is due, hold the queue: the server's time is held for us anyway, and the
         ack can then ride on the last request (one message, one write)."""
@@ -412,7 +413,7 @@ class RemoteDevice(Device):
             return
         out, self._out = self._out, []
         fmt = self.format
-        batch = [encode_frame(frame, fmt) for frame in out]
+        batch = [encode_frame(frame, fmt) if isinstance(frame, dict) else frame for frame in out]
         self.bytes_sent += sum(len(m) for m in batch)
         self._outbox.push(batch)
 
@@ -438,7 +439,9 @@ class RemoteDevice(Device):
         for a, b in ranges.missing(offset, end):
             for start in range(a, b, self.chunk):
                 stop = min(start + self.chunk, b)
-                self._send({"t": "put", "name": name, "offset": start, "data": buf[start:stop].tobytes()})
+                # Encoded now, from a view of the buffer: one copy, of the bytes as they are now.
+                frame = {"t": "put", "name": name, "offset": start, "data": buf[start:stop].data}
+                self._send(encode_frame(frame, self.format))
         ranges.add(offset, end)
 
     async def _read_loop(self) -> None:
@@ -578,8 +581,9 @@ class RemoteDevice(Device):
         self._quiet = 0
         if self._unacked:
             out = self._out
-            if out and out[-1]["t"] == "req":
-                out[-1]["ack"] = self._unacked  # processed after the request, as a separate ack would be
+            last = out[-1] if out else None
+            if isinstance(last, dict) and last["t"] == "req":
+                last["ack"] = self._unacked  # processed after the request, as a separate ack would be
             else:
                 out.append({"t": "ack", "n": self._unacked})
             self._unacked = 0

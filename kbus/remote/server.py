@@ -514,7 +514,7 @@ class DeviceServer:
         if conn.open:
             if data is not None and rng is not None:
                 for start in range(0, len(data), CHUNK_BYTES):
-                    chunk = data[start : start + CHUNK_BYTES].tobytes()
+                    chunk = data[start : start + CHUNK_BYTES].data  # encoded now: one copy, not two
                     conn.send({"t": "data", "name": name, "offset": rng[1] + start, "data": chunk})
             self._reply(conn, rid, wires, ok=raised is None, raised=raised, error=error)
             self._hold_for(conn)
