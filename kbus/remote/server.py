@@ -112,6 +112,8 @@ class _Conn:
         self.unacked = 0
         self.lockstep = True
         self.ack_timer: asyncio.TimerHandle | None = None
+        self.ack_due = 0.0
+        """Loop time by which the client must ack (the timer may fire earlier and look again)."""
         self.requests = 0
         self.resp_order: list[int] = []
         self.seen = 0
@@ -379,9 +381,6 @@ class DeviceServer:
             self.sim.release()
         if conn.unacked:
             self._arm_ack_timer(conn)  # progress: the client gets a fresh period for the rest
-        elif conn.ack_timer is not None:
-            conn.ack_timer.cancel()
-            conn.ack_timer = None
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)
@@ -539,16 +538,23 @@ class DeviceServer:
             conn.ack_timer = None
 
     def _arm_ack_timer(self, conn: _Conn) -> None:
-        if conn.ack_timer is not None:
-            conn.ack_timer.cancel()
-            conn.ack_timer = None
-        if self.ack_timeout is not None:
-            conn.ack_timer = asyncio.get_running_loop().call_later(self.ack_timeout, self._ack_overdue, conn)
+        """Give ``conn`` a fresh ``ack_timeout`` from now. One loop timer per connection, pushed
+        back lazily when it fires: acks come at every virtual instant, a timer each would cost more."""
+        if self.ack_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        conn.ack_due = loop.time() + self.ack_timeout
+        if conn.ack_timer is None:
+            conn.ack_timer = loop.call_at(conn.ack_due, self._ack_overdue, conn)
 
     def _ack_overdue(self, conn: _Conn) -> None:
         """A client that does not ack must not freeze the device for everyone: it loses lockstep."""
         conn.ack_timer = None
         if not conn.open or not conn.unacked:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < conn.ack_due - 0.005:  # it made progress meanwhile (loop timers may fire early)
+            conn.ack_timer = loop.call_at(conn.ack_due, self._ack_overdue, conn)
             return
         self._release_all(conn)
         conn.lockstep = False
