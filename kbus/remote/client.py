@@ -85,7 +85,17 @@ from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_w
 from ..sim import Sim, TimerHandle
 from ..sim.units import format_time
 from .kernels import blob_kernel, kernel_specs
-from .wire import CHUNK_BYTES, PROTOCOL_VERSION, Outbox, WireFormat, decode_frame, encode_frame
+from .wire import (
+    CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    Outbox,
+    WireFormat,
+    batch_frames,
+    check_frame,
+    decode_frame,
+    decode_frames,
+    encode_frame,
+)
 
 __all__ = ["ClientSim", "DeviceStats", "RemoteDevice", "connect_device"]
 
@@ -413,7 +423,7 @@ class RemoteDevice(Device):
             return
         out, self._out = self._out, []
         fmt = self.format
-        batch = [encode_frame(frame, fmt) if isinstance(frame, dict) else frame for frame in out]
+        batch = batch_frames([encode_frame(frame, fmt) if isinstance(frame, dict) else frame for frame in out], fmt)
         self.bytes_sent += sum(len(m) for m in batch)
         self._outbox.push(batch)
 
@@ -448,7 +458,8 @@ class RemoteDevice(Device):
         try:
             async for raw in self._ws:
                 self.bytes_received += len(raw)
-                self._on_frame(decode_frame(raw, self.format))
+                for frame in decode_frames(raw, self.format):
+                    self._on_frame(check_frame(frame, self.format))
         except ConnectionClosed as exc:
             self._lost(exc)
             return

@@ -77,7 +77,18 @@ from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, 
 from ..sim import Sim
 from .kernels import install_kernels
 from .record import Recorder, read_range, write_bytes
-from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, Outbox, WireFormat, decode_frame, encode_frame
+from .wire import (
+    CHUNK_BYTES,
+    FORMATS,
+    PROTOCOL_VERSION,
+    SUBPROTOCOLS,
+    Outbox,
+    WireFormat,
+    batch_frames,
+    check_frame,
+    decode_frames,
+    encode_frame,
+)
 from .wire import field as _field
 
 __all__ = ["DeviceServer", "serve_device"]
@@ -131,8 +142,8 @@ class _Conn:
 
     def flush(self) -> None:
         out, self.out = self.out, []
-        if self.open:
-            self.outbox.push(out)
+        if self.open and out:
+            self.outbox.push(batch_frames(out, self.fmt))
 
 
 @attrs.define
@@ -282,18 +293,31 @@ class DeviceServer:
                 "chunk": CHUNK_BYTES,
             }
         )
+        conn.flush()  # alone in its message: the client reads it before anything else
         try:
             async for raw in ws:
-                frame: dict[str, Any] | None = None
                 try:
-                    frame = decode_frame(raw, fmt)
-                    self._on_frame(conn, frame)
+                    frames = decode_frames(raw, fmt)
                 except CodecError as exc:
                     self.stats.rejected_frames += 1
-                    rid = frame.get("id") if frame is not None and frame.get("t") == "req" else None
-                    conn.send(
-                        {"t": "error", "id": rid if isinstance(rid, int) else None, "error": str(exc), "path": exc.path}
-                    )
+                    conn.send({"t": "error", "id": None, "error": str(exc), "path": exc.path})
+                    continue
+                for item in frames:  # in order; a bad frame is refused alone
+                    frame: dict[str, Any] | None = None
+                    try:
+                        frame = check_frame(item, fmt)
+                        self._on_frame(conn, frame)
+                    except CodecError as exc:
+                        self.stats.rejected_frames += 1
+                        rid = frame.get("id") if frame is not None and frame.get("t") == "req" else None
+                        conn.send(
+                            {
+                                "t": "error",
+                                "id": rid if isinstance(rid, int) else None,
+                                "error": str(exc),
+                                "path": exc.path,
+                            }
+                        )
         except ConnectionClosed:
             pass
         finally:

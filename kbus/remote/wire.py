@@ -1,7 +1,10 @@
 """The frames a device server and its clients exchange, and their bytes.
 
-One websocket message carries one *frame*: a map with a ``"t"`` key naming
-its kind. Protocol messages ride inside frames in the codec's wire form
+A *frame* is a map with a ``"t"`` key naming its kind. A websocket message
+carries one frame, or several as an array of frames handled in order (both
+sides batch the small frames they have ready at once: a window of requests,
+the responses of one virtual instant; parsing a websocket message costs more
+than the frame in it). Protocol messages ride inside frames in the codec's wire form
 (:func:`kbus.protocol.to_wire`), so the cattrs codec stays the one place that
 decides what a message looks like and checks it on the way in.
 
@@ -77,14 +80,18 @@ __all__ = [
     "SUBPROTOCOLS",
     "Outbox",
     "WireFormat",
+    "batch_frames",
+    "check_frame",
     "decode_frame",
+    "decode_frames",
     "encode_frame",
     "field",
     "format_of",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""Bumped whenever a frame changes incompatibly; the client refuses another version."""
+PROTOCOL_VERSION: Final = 2
+"""Bumped whenever a frame changes incompatibly (2: a message may carry an array of frames);
+the client refuses another version."""
 
 WireFormat: TypeAlias = Literal["msgpack", "json"]
 FORMATS: Final[tuple[WireFormat, ...]] = ("msgpack", "json")
@@ -234,27 +241,90 @@ def encode_frame(frame: dict[str, Any], fmt: WireFormat) -> bytes | str:
     return orjson.dumps(frame).decode("utf-8")
 
 
+BATCH_FRAMES: Final = 256
+"""Most frames in one websocket message (each is at most ``COALESCE_BYTES``; so is the batch)."""
+
+
+def batch_frames(encoded: list[bytes | str], fmt: WireFormat) -> list[bytes | str]:
+    """Websocket messages for ``encoded`` frames (each from :func:`encode_frame`), in order.
+
+    Consecutive small frames share a message, as an array (built from the
+    frames' own bytes, not re-encoded), up to ``COALESCE_BYTES`` and
+    ``BATCH_FRAMES``; a frame alone, and a large one, goes as itself.
+    """
+    out: list[bytes | str] = []
+    group: list[bytes | str] = []
+    size = 0
+    for frame in encoded:
+        n = len(frame)
+        if group and (size + n > COALESCE_BYTES or len(group) >= BATCH_FRAMES):
+            out.append(_array(group, fmt))
+            group, size = [], 0
+        if n > COALESCE_BYTES:
+            out.append(frame)
+            continue
+        group.append(frame)
+        size += n
+    if group:
+        out.append(_array(group, fmt))
+    return out
+
+
+def _array(group: list[bytes | str], fmt: WireFormat) -> bytes | str:
+    if len(group) == 1:
+        return group[0]
+    if fmt == "msgpack":
+        return _PACKER.pack_array_header(len(group)) + b"".join(group)  # type: ignore[arg-type]
+    return "[" + ",".join(group) + "]"  # type: ignore[arg-type]
+
+
+_PACKER: Final = msgpack.Packer(use_bin_type=True)
+
+
+def decode_frames(raw: bytes | str, fmt: WireFormat) -> list[Any]:
+    """The frames of one websocket message (a map, or an array of them); check each with :func:`check_frame`.
+
+    CodecError if the message does not parse or is neither a map nor an
+    array; a bad element of an array is refused on its own by
+    :func:`check_frame` (the other frames of the message stay valid).
+    """
+    obj = _parse(raw, fmt)
+    if obj.__class__ is list:
+        return obj
+    if obj.__class__ is not dict:
+        raise CodecError(f"a message must be a frame (a map) or an array of frames, got {type(obj).__name__}")
+    return [obj]
+
+
+def check_frame(item: Any, fmt: WireFormat) -> dict[str, Any]:
+    """``item`` if it is a map (JSON: its base64 ``data`` decoded); CodecError otherwise."""
+    if item.__class__ is not dict:
+        raise CodecError(f"a frame must be a map, got {type(item).__name__}")
+    frame = cast(dict[str, Any], item)
+    if fmt == "json" and isinstance(frame.get(_BYTES_KEY), str):
+        try:
+            frame[_BYTES_KEY] = base64.b64decode(frame[_BYTES_KEY], validate=True)
+        except ValueError:
+            raise CodecError("invalid frame at data: expected base64 text", path=_BYTES_KEY) from None
+    return frame
+
+
 def decode_frame(raw: bytes | str, fmt: WireFormat) -> dict[str, Any]:
-    """Parse one websocket message into a frame map; CodecError (naming the field) if it is not one."""
+    """Parse a websocket message of one frame into its map; CodecError (naming the field) if it is not one."""
+    return check_frame(_parse(raw, fmt), fmt)
+
+
+def _parse(raw: bytes | str, fmt: WireFormat) -> Any:
     try:
         if fmt == "msgpack":
             if isinstance(raw, str):
                 raise CodecError("expected a binary msgpack frame, got a text frame")
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        else:
-            obj = orjson.loads(raw)
+            return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        return orjson.loads(raw)
     except CodecError:
         raise
     except Exception as e:
         raise CodecError(f"malformed {fmt} frame: {type(e).__name__}: {e}") from None
-    if obj.__class__ is not dict:
-        raise CodecError(f"a frame must be a map, got {type(obj).__name__}")
-    if fmt == "json" and isinstance(obj.get(_BYTES_KEY), str):
-        try:
-            obj[_BYTES_KEY] = base64.b64decode(obj[_BYTES_KEY], validate=True)
-        except ValueError:
-            raise CodecError("invalid frame at data: expected base64 text", path=_BYTES_KEY) from None
-    return obj
 
 
 def field(frame: dict[str, Any], name: str, kind: type[T], *, minimum: int | None = None) -> T:
