@@ -67,7 +67,6 @@ import itertools
 import os
 import types
 import warnings
-from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, Final, NoReturn
 
@@ -75,7 +74,7 @@ import attrs
 import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidState, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from ..errors import CodecError, DeviceError, RemoteError
 from ..hw import Device, DeviceConfig
@@ -86,13 +85,29 @@ from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_w
 from ..sim import Sim, TimerHandle
 from ..sim.units import format_time
 from .kernels import blob_kernel, kernel_specs
-from .wire import CHUNK_BYTES, PROTOCOL_VERSION, WireFormat, decode_frame, encode_frame, send_all
+from .wire import (
+    CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    Outbox,
+    WireFormat,
+    batch_frames,
+    check_frame,
+    decode_frame,
+    decode_frames,
+    encode_frame,
+)
 
 __all__ = ["ClientSim", "DeviceStats", "RemoteDevice", "connect_device"]
 
 
 _FAST_POLLS: Final = 64
 """Loop passes the ack check spins for before it polls on a timer (and stops holding frames back)."""
+
+_QUIET_PASSES: Final = 4
+"""Loop passes the local engine must stay quiet before the client acks. A response resumes its
+caller's task (one pass); the end of that task resolves what awaits it (``gather``, a done
+callback: a pass each) before the host code that reacts runs: its requests must be queued
+before the ack, so that they ride with it (one write) and enter the device at this instant."""
 
 
 class ClientSim(Sim):
@@ -238,10 +253,12 @@ class RemoteDevice(Device):
         self._delivered = 0
         self._unacked = 0
         self._ack_scheduled = False
-        self._quiet = False
+        self._flush_scheduled = False
+        self._quiet = 0
         self._polls = 0
-        self._out: deque[dict[str, Any]] = deque()
-        self._out_ready = asyncio.Event()
+        self._out: list[dict[str, Any] | bytes | str] = []
+        """Frames to send (maps, or already encoded), flushed after the loop pass or with the ack."""
+        self._outbox = Outbox(ws, f"kbus remote writer {url}", self._lost)
         self._closed = False
         self._failure: BaseException | None = None
         # The hello counts as a response to react to: the server holds time until the
@@ -254,7 +271,7 @@ class RemoteDevice(Device):
         else:
             self._send({"t": "mode", "lockstep": False})
         self._reader = asyncio.create_task(self._read_loop(), name=f"kbus remote reader {url}")
-        self._writer = asyncio.create_task(self._write_loop(), name=f"kbus remote writer {url}")
+        self._flush_soon()
 
     def __getattr__(self, name: str) -> NoReturn:
         # Only reached for attributes Device.__init__ would have set (blocks, links, pes...).
@@ -343,7 +360,7 @@ class RemoteDevice(Device):
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._stat_calls[rid] = fut
         self._send({"t": "stats", "id": rid})
-        self._out_ready.set()
+        self._flush_soon()
         try:
             frame = await fut
         finally:
@@ -360,17 +377,17 @@ class RemoteDevice(Device):
             if self._unacked:
                 self._send({"t": "ack", "n": self._unacked})
                 self._unacked = 0
+            self._flush()
             self._closed = True
-            self._out_ready.set()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout=5)
+                await asyncio.wait_for(self._outbox.flushed(), timeout=5)
             with contextlib.suppress(Exception):
                 await self._ws.close()
             self._fail_pending(RemoteError(f"the connection to {self.url} was closed by this client"))
-        for task in (self._reader, self._writer):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await self._outbox.aclose()
+        self._reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader
         await self.sim.shutdown()
 
     # ---------------------------------------------------------------- internals
@@ -380,12 +397,35 @@ class RemoteDevice(Device):
         if self._closed:
             raise RemoteError(f"the remote device at {self.url} is closed")
 
-    def _send(self, frame: dict[str, Any]) -> None:
-        """Queue a frame. While an ack is due, hold the queue: the server's time is held for
-        us anyway, and the ack can then ride on the last request (one message less)."""
-        self._out.append(frame)
-        if not (self._ack_scheduled and self._unacked and self._polls < _FAST_POLLS):
-            self._out_ready.set()
+    def _send(self, frame: dict[str, Any] | bytes | str) -> None:
+        """Queue a frame, sent after the current loop pass (with the frames queued meanwhile).
+        While an ack is due, hold the queue: the server's time is held for us anyway, and the
+        ack can then ride on the last request (one message, one write)."""
+        out = self._out
+        out.append(frame)
+        if len(out) == 1 and not (self._ack_scheduled and self._unacked and self._polls < _FAST_POLLS):
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_cb)
+
+    def _flush_cb(self) -> None:
+        self._flush_scheduled = False
+        if self._ack_scheduled and self._unacked and self._polls < _FAST_POLLS:
+            return  # the ack sends them
+        self._flush()
+
+    def _flush(self) -> None:
+        """Encode the queued frames and hand them to the outbox (written at once when small)."""
+        if not self._out or self._closed:
+            return
+        out, self._out = self._out, []
+        fmt = self.format
+        batch = batch_frames([encode_frame(frame, fmt) if isinstance(frame, dict) else frame for frame in out], fmt)
+        self.bytes_sent += sum(len(m) for m in batch)
+        self._outbox.push(batch)
 
     def _ship_kernel(self, msg: MemoryWriteMsg) -> None:
         """Before a kernel's code blob is written, send the kernel itself (see :mod:`kbus.remote.kernels`)."""
@@ -409,29 +449,17 @@ class RemoteDevice(Device):
         for a, b in ranges.missing(offset, end):
             for start in range(a, b, self.chunk):
                 stop = min(start + self.chunk, b)
-                self._send({"t": "put", "name": name, "offset": start, "data": buf[start:stop].tobytes()})
+                # Encoded now, from a view of the buffer: one copy, of the bytes as they are now.
+                frame = {"t": "put", "name": name, "offset": start, "data": buf[start:stop].data}
+                self._send(encode_frame(frame, self.format))
         ranges.add(offset, end)
-
-    async def _write_loop(self) -> None:
-        out, ready, ws, fmt = self._out, self._out_ready, self._ws, self.format
-        try:
-            while True:
-                while out:
-                    batch = [encode_frame(out.popleft(), fmt) for _ in range(len(out))]
-                    self.bytes_sent += sum(len(m) for m in batch)
-                    await send_all(ws, batch)
-                if self._closed:
-                    return
-                ready.clear()
-                await ready.wait()
-        except (ConnectionClosed, InvalidState) as exc:
-            self._lost(exc)
 
     async def _read_loop(self) -> None:
         try:
             async for raw in self._ws:
                 self.bytes_received += len(raw)
-                self._on_frame(decode_frame(raw, self.format))
+                for frame in decode_frames(raw, self.format):
+                    self._on_frame(check_frame(frame, self.format))
         except ConnectionClosed as exc:
             self._lost(exc)
             return
@@ -537,37 +565,40 @@ class RemoteDevice(Device):
     def _maybe_ack(self) -> None:
         """Ack the responses delivered so far once the local engine has nothing left to do."""
         if self._closed or self._failure is not None:
-            self._ack_scheduled = self._quiet = False
-            self._out_ready.set()
+            self._ack_scheduled = False
+            self._quiet = 0
+            self._flush()
             return
         own = 1 if self._calls else 0
         if self.sim.runnable > own:
             # The host is still reacting (a task ready, a woken host task not resumed yet).
-            self._quiet = False
+            self._quiet = 0
             self._polls += 1
             loop = asyncio.get_running_loop()
             if self._polls < _FAST_POLLS:
                 loop.call_soon(self._maybe_ack)
             else:  # a long foreign wait: poll without spinning, and stop holding frames back
-                self._out_ready.set()
+                self._flush()
                 loop.call_later(0.0005, self._maybe_ack)
             return
-        if not self._quiet:
-            # Quiet once: let the callbacks already queued run (a tensor freed by the host
-            # queues its unmap from a loop callback) and look again before acking.
-            self._quiet = True
+        if self._quiet < _QUIET_PASSES:
+            # Quiet for now: let the callbacks already queued run (a finished task resolves a
+            # gather; a tensor freed by the host queues its unmap from a loop callback) and
+            # look again before acking.
+            self._quiet += 1
             asyncio.get_running_loop().call_soon(self._maybe_ack)
             return
         self._ack_scheduled = False
-        self._quiet = False
+        self._quiet = 0
         if self._unacked:
             out = self._out
-            if out and out[-1]["t"] == "req":
-                out[-1]["ack"] = self._unacked  # processed after the request, as a separate ack would be
+            last = out[-1] if out else None
+            if isinstance(last, dict) and last["t"] == "req":
+                last["ack"] = self._unacked  # processed after the request, as a separate ack would be
             else:
                 out.append({"t": "ack", "n": self._unacked})
             self._unacked = 0
-        self._out_ready.set()
+        self._flush()
 
 
 async def _served_builtin(*_: Any) -> NoReturn:  # pragma: no cover - never called

@@ -59,7 +59,6 @@ import ipaddress
 import itertools
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Generator
 from http import HTTPStatus
 from typing import Any, Final
@@ -68,7 +67,7 @@ import attrs
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import CodecError, DeviceError
@@ -78,7 +77,18 @@ from ..protocol import HostMessage, MemoryReadMsg, MemoryWriteMsg, ResponseMsg, 
 from ..sim import Sim
 from .kernels import install_kernels
 from .record import Recorder, read_range, write_bytes
-from .wire import CHUNK_BYTES, FORMATS, PROTOCOL_VERSION, SUBPROTOCOLS, WireFormat, decode_frame, encode_frame, send_all
+from .wire import (
+    CHUNK_BYTES,
+    FORMATS,
+    PROTOCOL_VERSION,
+    SUBPROTOCOLS,
+    Outbox,
+    WireFormat,
+    batch_frames,
+    check_frame,
+    decode_frames,
+    encode_frame,
+)
 from .wire import field as _field
 
 __all__ = ["DeviceServer", "serve_device"]
@@ -113,26 +123,27 @@ class _Conn:
         self.unacked = 0
         self.lockstep = True
         self.ack_timer: asyncio.TimerHandle | None = None
+        self.ack_due = 0.0
+        """Loop time by which the client must ack (the timer may fire earlier and look again)."""
         self.requests = 0
         self.resp_order: list[int] = []
         self.seen = 0
-        self.out: deque[bytes | str] = deque()
-        """Encoded frames not sent yet (sent in order by :meth:`write_loop`, small ones coalesced)."""
-        self.ready = asyncio.Event()
+        self.out: list[bytes | str] = []
+        """Encoded frames not handed to the outbox yet: flushed together after the current loop pass,
+        so the responses a burst of the device's engine produced go out in one write."""
+        self.outbox = Outbox(ws, f"kbus remote writer {n}")
         self.peer = ws.remote_address
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.out.append(encode_frame(frame, self.fmt))
-        self.ready.set()
+        out = self.out
+        if not out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        out.append(encode_frame(frame, self.fmt))
 
-    async def write_loop(self) -> None:
-        out, ready = self.out, self.ready
-        with contextlib.suppress(ConnectionClosed, InvalidState):
-            while True:
-                while out:
-                    await send_all(self.ws, [out.popleft() for _ in range(len(out))])
-                ready.clear()
-                await ready.wait()
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if self.open and out:
+            self.outbox.push(batch_frames(out, self.fmt))
 
 
 @attrs.define
@@ -265,7 +276,6 @@ class DeviceServer:
         self.stats.connections += 1
         if self.on_client is not None:
             self.on_client("connect", conn.n, _peer(conn), 0)
-        writer = asyncio.create_task(conn.write_loop(), name=f"kbus remote writer {conn.n}")
         # A new client is busy until it first acks (its script is setting up): hold time for it.
         self._hold_for(conn)
         conn.send(
@@ -283,26 +293,37 @@ class DeviceServer:
                 "chunk": CHUNK_BYTES,
             }
         )
+        conn.flush()  # alone in its message: the client reads it before anything else
         try:
             async for raw in ws:
-                frame: dict[str, Any] | None = None
                 try:
-                    frame = decode_frame(raw, fmt)
-                    self._on_frame(conn, frame)
+                    frames = decode_frames(raw, fmt)
                 except CodecError as exc:
                     self.stats.rejected_frames += 1
-                    rid = frame.get("id") if frame is not None and frame.get("t") == "req" else None
-                    conn.send(
-                        {"t": "error", "id": rid if isinstance(rid, int) else None, "error": str(exc), "path": exc.path}
-                    )
+                    conn.send({"t": "error", "id": None, "error": str(exc), "path": exc.path})
+                    continue
+                for item in frames:  # in order; a bad frame is refused alone
+                    frame: dict[str, Any] | None = None
+                    try:
+                        frame = check_frame(item, fmt)
+                        self._on_frame(conn, frame)
+                    except CodecError as exc:
+                        self.stats.rejected_frames += 1
+                        rid = frame.get("id") if frame is not None and frame.get("t") == "req" else None
+                        conn.send(
+                            {
+                                "t": "error",
+                                "id": rid if isinstance(rid, int) else None,
+                                "error": str(exc),
+                                "path": exc.path,
+                            }
+                        )
         except ConnectionClosed:
             pass
         finally:
             self._disconnect(conn)
             # Let queued frames go out only while the peer still listens.
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            await conn.outbox.aclose()
 
     def _disconnect(self, conn: _Conn) -> None:
         if not conn.open:
@@ -384,9 +405,6 @@ class DeviceServer:
             self.sim.release()
         if conn.unacked:
             self._arm_ack_timer(conn)  # progress: the client gets a fresh period for the rest
-        elif conn.ack_timer is not None:
-            conn.ack_timer.cancel()
-            conn.ack_timer = None
 
     def _on_buffer(self, conn: _Conn, frame: dict[str, Any]) -> None:
         name = _field(frame, "name", str)
@@ -519,7 +537,7 @@ class DeviceServer:
         if conn.open:
             if data is not None and rng is not None:
                 for start in range(0, len(data), CHUNK_BYTES):
-                    chunk = data[start : start + CHUNK_BYTES].tobytes()
+                    chunk = data[start : start + CHUNK_BYTES].data  # encoded now: one copy, not two
                     conn.send({"t": "data", "name": name, "offset": rng[1] + start, "data": chunk})
             self._reply(conn, rid, wires, ok=raised is None, raised=raised, error=error)
             self._hold_for(conn)
@@ -544,16 +562,23 @@ class DeviceServer:
             conn.ack_timer = None
 
     def _arm_ack_timer(self, conn: _Conn) -> None:
-        if conn.ack_timer is not None:
-            conn.ack_timer.cancel()
-            conn.ack_timer = None
-        if self.ack_timeout is not None:
-            conn.ack_timer = asyncio.get_running_loop().call_later(self.ack_timeout, self._ack_overdue, conn)
+        """Give ``conn`` a fresh ``ack_timeout`` from now. One loop timer per connection, pushed
+        back lazily when it fires: acks come at every virtual instant, a timer each would cost more."""
+        if self.ack_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        conn.ack_due = loop.time() + self.ack_timeout
+        if conn.ack_timer is None:
+            conn.ack_timer = loop.call_at(conn.ack_due, self._ack_overdue, conn)
 
     def _ack_overdue(self, conn: _Conn) -> None:
         """A client that does not ack must not freeze the device for everyone: it loses lockstep."""
         conn.ack_timer = None
         if not conn.open or not conn.unacked:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < conn.ack_due - 0.005:  # it made progress meanwhile (loop timers may fire early)
+            conn.ack_timer = loop.call_at(conn.ack_due, self._ack_overdue, conn)
             return
         self._release_all(conn)
         conn.lockstep = False

@@ -20,13 +20,21 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import kbus
 from kbus.protocol import MemoryReadMsg, MemoryWriteMsg, PeDmaMsg, ResponseMsg, to_wire
 from kbus.remote import connect_device, serve_device
-from kbus.remote.wire import decode_frame
+from kbus.remote.wire import PROTOCOL_VERSION, decode_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_PENDING: dict[int, list[dict[str, Any]]] = {}
+
+
 async def _frame(ws: Any) -> dict[str, Any]:
-    return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10), raw=False)  # type: ignore[no-any-return]
+    """The next frame from ``ws`` (a websocket message holds one frame, or an array of them)."""
+    pending = _PENDING.setdefault(id(ws), [])
+    if not pending:
+        obj = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 10), raw=False)
+        pending.extend(obj if isinstance(obj, list) else [obj])
+    return pending.pop(0)
 
 
 async def _until(ws: Any, kind: str) -> dict[str, Any]:
@@ -74,7 +82,7 @@ def test_bad_frames_get_an_error_naming_the_field_and_the_connection_stays_usabl
     async def main() -> None:
         async with serve_device("tiny") as server, ws_connect(server.url) as ws:
             hello = await _frame(ws)
-            assert hello["t"] == "hello" and hello["protocol"] == 1 and hello["format"] == "msgpack"
+            assert hello["t"] == "hello" and hello["protocol"] == PROTOCOL_VERSION and hello["format"] == "msgpack"
             assert kbus.DeviceConfig.from_toml_text(hello["config"]) == kbus.DeviceConfig.load("tiny")
             assert set(hello["formats"]) == {"msgpack", "json"}
             await ws.send(b"\xc1 not msgpack")
@@ -101,11 +109,16 @@ def test_bad_frames_get_an_error_naming_the_field_and_the_connection_stays_usabl
             await ws.send(msgpack.packb({"t": "buf", "name": "b", "nbytes": True}))
             err = await _until(ws, "error")
             assert err["path"] == "nbytes"
-            await ws.send(msgpack.packb({"t": "ack", "n": 1}))  # the hello's
-            await ws.send(msgpack.packb({"t": "req", "id": 10, "msg": good}))
+            await ws.send(msgpack.packb(5))
+            err = await _until(ws, "error")
+            assert "array of frames" in err["error"]
+            # Several frames in one message (an array) are handled in order; a bad one is refused alone.
+            await ws.send(msgpack.packb([{"t": "ack", "n": 1}, 42, {"t": "req", "id": 10, "msg": good}]))
+            err = await _until(ws, "error")
+            assert "a frame must be a map, got int" in err["error"]
             resp = await _until(ws, "resp")
             assert resp["id"] == 10 and resp["ok"] and resp["responses"][0]["value"] > 0 and resp["now_ps"] > 0
-            assert server.stats.rejected_frames == 7
+            assert server.stats.rejected_frames == 9
 
     kbus.run(main)
 
