@@ -173,6 +173,8 @@ def scenario(preset: str, n: int, mode: str, tmpdir: Path) -> Result:
                     (client,) = server.clients
                     out["sent"] = client.sent
                     out["rate"] = client.sent / delivered
+                    out["produced"] = server.events / out["wall"]  # the simulation's own event rate
+                    out["lag"] = delivered - out["wall"]  # how long after the run the client had everything
                     out["dropped"] = client.dropped
                 elif mode == "stall":
                     (client,) = server.clients
@@ -236,6 +238,10 @@ def main() -> None:
             note = spread([w / a for w, a in zip(walls, alone, strict=True)]) + " vs stream, no client"
         if "bytes" in last:
             note = f"{last['bytes'] / last['events']:.0f} bytes/record"
+        if mode == "read":
+            produced = statistics.median(res["produced"] for res in runs[mode])
+            lag = statistics.median(res["lag"] for res in runs[mode])
+            note = f"produced {produced:,.0f}/s; all sent {lag * 1e3:.0f} ms after the run"
         rates = [res["rate"] for res in runs[mode] if "rate" in res]
         rows.append(
             [
