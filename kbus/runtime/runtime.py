@@ -77,6 +77,16 @@ many devices the process opened before.
 """
 
 
+FREEZE_MIN_PES = 256
+"""``open_device`` freezes a device's objects out of the collector's reach from this many PEs up.
+
+A 4096-PE device is about a million objects and full collections walking it
+dominated its runs; below a few hundred PEs the full collection that freezing
+starts with costs more than it saves (opening and closing ``tiny`` went from
+~3 ms to ~20 ms with numpy loaded).
+"""
+
+
 class Runtime(TensorOps):
     """The torch-like handle yielded by :func:`open_device` (by convention named ``torch``).
 
@@ -315,6 +325,7 @@ class _DeviceSession:
         self._runtime: Runtime | None = None
         self._trace_cm: Any = None
         self._detach: Any = None
+        self._frozen = False
 
     async def __aenter__(self) -> Runtime:
         if self._runtime is not None:
@@ -324,7 +335,10 @@ class _DeviceSession:
             device = await _connect(url, self._config, self._token)
         else:
             cfg = DeviceConfig.load(self._config)
-            device = build_device(Sim(name=cfg.name), cfg, wire=self._wire, freeze=True)
+            # Freezing pays for itself only on big devices: it starts with a full collection
+            # (tens of ms with numpy and friends loaded), which a small device never earns back.
+            self._frozen = cfg.topology.num_pes >= FREEZE_MIN_PES
+            device = build_device(Sim(name=cfg.name), cfg, wire=self._wire, freeze=self._frozen)
         try:
             if url is not None and (self._trace is not None or self._trace_ws is not None):
                 raise ValueError(
@@ -350,7 +364,7 @@ class _DeviceSession:
         except BaseException:
             if self._detach is not None:
                 self._detach()
-            await _close_device(device)
+            await _close_device(device, self._frozen)
             raise
         self._runtime = runtime
         return runtime
@@ -379,14 +393,15 @@ class _DeviceSession:
             finally:
                 if self._detach is not None:
                     self._detach()
-                await _close_device(rt.device)
+                await _close_device(rt.device, self._frozen)
 
 
-async def _close_device(device: Device) -> None:
+async def _close_device(device: Device, frozen: bool) -> None:
     """Stop the device with the collector paused, then hand its objects back to the collector.
 
-    ``open_device`` builds with ``freeze=True`` (see :func:`~kbus.hw.build_device`),
-    so the device sits in the permanent generation; stopping its tasks would
+    ``open_device`` builds a device of :data:`FREEZE_MIN_PES` PEs or more with
+    ``freeze=True`` (see :func:`~kbus.hw.build_device`), so it sits in the
+    permanent generation; stopping its tasks would
     otherwise trigger full collections that walk it again and again.
     ``gc.unfreeze()`` afterwards lets the next collection reclaim it (it also
     unfreezes anything else frozen meanwhile, e.g. another open device: that
@@ -399,7 +414,8 @@ async def _close_device(device: Device) -> None:
     finally:
         if paused:
             gc.enable()
-        gc.unfreeze()
+        if frozen:
+            gc.unfreeze()
 
 
 def _device_url(config: object) -> str | None:
