@@ -32,7 +32,7 @@ import difflib
 import itertools
 import os
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -375,16 +375,7 @@ class Device:
         MemoryWriteMsg with ``src_kind="host_buffer_ref"`` reads from it and
         MemoryReadMsg writes into it. The buffer is used in place, never copied.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"host buffer name must be a non-empty string, got {name!r}")
-        if name in self._host_buffers:
-            raise ValueError(f"host buffer {name!r} is already registered; unregister it first")
-        arr = as_bytes(buffer)
-        if not arr.flags.writeable:
-            raise ValueError(f"host buffer {name!r} is read-only; MemoryReadMsg needs to write into it")
-        if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
-            raise ValueError(f"host buffer {name!r} is not C-contiguous")
-        self._host_buffers[name] = arr
+        self._host_buffers[name] = host_buffer_bytes(name, buffer, self._host_buffers)
         return name
 
     def unregister_host_buffer(self, name: str) -> None:
@@ -931,6 +922,25 @@ class Device:
         return (
             f"<Device {self.config.name!r} {t.sips}x{t.cubes_per_sip}x{t.pes_per_cube} now={format_time(self.sim.now)}>"
         )
+
+
+def host_buffer_bytes(name: object, buffer: Any, registered: Mapping[str, Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """Check a host buffer about to be registered as ``name``; return its bytes, in place.
+
+    The name must be a new non-empty string; the buffer writable (a read
+    writes into it) and contiguous. Every device host surface registers
+    buffers through this, so they all refuse the same things alike.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"host buffer name must be a non-empty string, got {name!r}")
+    if name in registered:
+        raise ValueError(f"host buffer {name!r} is already registered; unregister it first")
+    arr = as_bytes(buffer)
+    if not arr.flags.writeable:
+        raise ValueError(f"host buffer {name!r} is read-only; MemoryReadMsg needs to write into it")
+    if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
+        raise ValueError(f"host buffer {name!r} is not C-contiguous")
+    return arr
 
 
 def build_device(

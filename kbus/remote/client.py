@@ -78,8 +78,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from ..errors import CodecError, DeviceError, RemoteError
 from ..hw import Device, DeviceConfig
-from ..hw.blocks import REQUESTS, as_bytes
-from ..hw.device import BlockStats, LinkStats, PeNode
+from ..hw.blocks import REQUESTS
+from ..hw.device import BlockStats, LinkStats, PeNode, host_buffer_bytes
 from ..lang.kernel import MAX_BLOB, KernelId
 from ..protocol import HostMessage, MemoryWriteMsg, ResponseMsg, from_wire, to_wire
 from ..sim import Sim, TimerHandle
@@ -299,16 +299,7 @@ class RemoteDevice(Device):
     def register_host_buffer(self, name: str, buffer: Any) -> str:
         """Announce a writable host buffer; its bytes travel with the requests that read it."""
         self._check_open()
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"host buffer name must be a non-empty string, got {name!r}")
-        if name in self._buffers:
-            raise ValueError(f"host buffer {name!r} is already registered; unregister it first")
-        arr = as_bytes(buffer)
-        if not arr.flags.writeable:
-            raise ValueError(f"host buffer {name!r} is read-only; MemoryReadMsg needs to write into it")
-        if isinstance(buffer, np.ndarray) and not buffer.flags.c_contiguous:
-            raise ValueError(f"host buffer {name!r} is not C-contiguous")
-        self._buffers[name] = arr
+        arr = self._buffers[name] = host_buffer_bytes(name, buffer, self._buffers)
         self._sent[name] = _Ranges()
         self._send({"t": "buf", "name": name, "nbytes": int(arr.nbytes)})
         return name
