@@ -37,5 +37,6 @@ def test_remote_devices_and_replay_are_top_level() -> None:
 
     assert kbus.serve_device is remote.serve_device and kbus.connect_device is remote.connect_device
     assert kbus.replay is remote.replay and kbus.ReplayResult is remote.ReplayResult
-    assert issubclass(kbus.RemoteDevice, kbus.hw.Device)
+    assert issubclass(kbus.RemoteDevice, kbus.hw.HostDevice) and not issubclass(kbus.RemoteDevice, kbus.hw.Device)
+    assert issubclass(kbus.hw.Device, kbus.hw.HostDevice)
     assert issubclass(kbus.RemoteError, kbus.KbusError) and issubclass(kbus.RecordingError, kbus.KbusError)

@@ -9,7 +9,7 @@ PE's :class:`DmaEngine` issues all of the PE's transfers.
 """
 
 from .config import DeviceConfig, LinkSpec, available_presets
-from .device import BlockStats, Device, LinkStats, PeNode, build_device
+from .device import BlockStats, Device, HostDevice, LinkStats, PeNode, build_device
 from .dma import DmaEngine
 from .network import Flow, NetLink, Network
 
@@ -19,6 +19,7 @@ __all__ = [
     "DeviceConfig",
     "DmaEngine",
     "Flow",
+    "HostDevice",
     "LinkSpec",
     "LinkStats",
     "NetLink",

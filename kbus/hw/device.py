@@ -145,7 +145,98 @@ class _Pending:
         self.responses: list[ResponseMsg] = []
 
 
-class Device:
+class HostDevice:
+    """What a host sees of a device: its config, its engine, requests and host buffers.
+
+    :class:`Device` (built in this process) and
+    :class:`kbus.remote.RemoteDevice` (served by another) are both host
+    devices; the runtime and the kernel language drive either through this
+    surface. The targeting helpers read only the config.
+    """
+
+    sim: Sim
+    config: DeviceConfig
+    wire: bool
+    transform: Callable[[Any], Any] | None
+    builtins: dict[str, KernelFn]
+    deployed_resolver: Callable[[PeCpu, KernelLaunchMsg], Awaitable[tuple[str | None, Any]]] | None
+    on_request: Callable[[str, HostMessage, tuple[ResponseMsg, ...] | None, int], object] | None
+    orphans: list[ResponseMsg]
+
+    @property
+    def now_ps(self) -> int:
+        return self.sim.now
+
+    async def request(self, msg: HostMessage) -> tuple[ResponseMsg, ...]:
+        raise NotImplementedError
+
+    def register_host_buffer(self, name: str, buffer: Any) -> str:
+        raise NotImplementedError
+
+    def unregister_host_buffer(self, name: str) -> None:
+        raise NotImplementedError
+
+    def host_buffer(self, name: str) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        raise NotImplementedError
+
+    def iter_pes(self) -> Iterator[PeNode]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- targets
+    def _sel(self, value: Any, n: int, field: str) -> tuple[int, ...]:
+        if value == "all":
+            return tuple(range(n))
+        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(items, tuple) or not items:
+            raise ValueError(f"{field}={value!r}: expected 'all', an index or a non-empty tuple of indices")
+        seen: set[int] = set()
+        for i in items:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                raise ValueError(f"{field}={value!r}: {i!r} is out of range 0..{n - 1}")
+            if i in seen:
+                raise ValueError(f"{field}={value!r}: {i} is listed twice")
+            seen.add(i)
+        return items
+
+    def target_sips(self, msg: Any) -> tuple[int, ...]:
+        t = type(msg)
+        S = self.config.topology.sips
+        if t is MemoryWriteMsg:
+            return self._sel(msg.dst_sip, S, "dst_sip")
+        if t is MemoryReadMsg or t is PeDmaMsg:
+            return self._sel(msg.src_sip, S, "src_sip")
+        return self._sel(getattr(msg, "target_sips", "all"), S, "target_sips")
+
+    def target_cubes(self, msg: Any) -> tuple[int, ...]:
+        C = self.config.topology.cubes_per_sip
+        if type(msg) is PeDmaMsg:
+            return self._sel(msg.src_cube, C, "src_cube")
+        return self._sel(msg.target_cubes, C, "target_cubes")
+
+    def target_pes(self, msg: Any) -> tuple[int, ...]:
+        P = self.config.topology.pes_per_cube
+        if type(msg) is PeDmaMsg:
+            return self._sel(msg.src_pe, P, "src_pe")
+        return self._sel(msg.target_pe, P, "target_pe")
+
+    def targets(self, msg: HostMessage) -> list[Coord]:
+        """Every PE ``msg`` acts on (each answers with one ResponseMsg); ValueError names a bad field."""
+        topo = self.config.topology
+        t = type(msg)
+        if t is MemoryWriteMsg:
+            self._sel(msg.dst_cube, topo.cubes_per_sip, "dst_cube")  # type: ignore[union-attr]
+            self._sel(msg.dst_pe, topo.pes_per_cube, "dst_pe")  # type: ignore[union-attr]
+        elif t is MemoryReadMsg:
+            self._sel(msg.src_cube, topo.cubes_per_sip, "src_cube")  # type: ignore[union-attr]
+            self._sel(msg.src_pe, topo.pes_per_cube, "src_pe")  # type: ignore[union-attr]
+        sips, cubes, pes = self.target_sips(msg), self.target_cubes(msg), self.target_pes(msg)
+        return [(s, c, p) for s in sips for c in cubes for p in pes]
+
+
+class Device(HostDevice):
     """A built device: blocks, links, routes, memory and the host port.
 
     Create it with :func:`build_device`. ``blocks`` maps every dotted path to
@@ -313,60 +404,6 @@ class Device:
         for cubes in self.pes:
             for nodes in cubes:
                 yield from nodes
-
-    @property
-    def now_ps(self) -> int:
-        return self.sim.now
-
-    # ---------------------------------------------------------------- targets
-    def _sel(self, value: Any, n: int, field: str) -> tuple[int, ...]:
-        if value == "all":
-            return tuple(range(n))
-        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(items, tuple) or not items:
-            raise ValueError(f"{field}={value!r}: expected 'all', an index or a non-empty tuple of indices")
-        seen: set[int] = set()
-        for i in items:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-                raise ValueError(f"{field}={value!r}: {i!r} is out of range 0..{n - 1}")
-            if i in seen:
-                raise ValueError(f"{field}={value!r}: {i} is listed twice")
-            seen.add(i)
-        return items
-
-    def target_sips(self, msg: Any) -> tuple[int, ...]:
-        t = type(msg)
-        S = self.config.topology.sips
-        if t is MemoryWriteMsg:
-            return self._sel(msg.dst_sip, S, "dst_sip")
-        if t is MemoryReadMsg or t is PeDmaMsg:
-            return self._sel(msg.src_sip, S, "src_sip")
-        return self._sel(getattr(msg, "target_sips", "all"), S, "target_sips")
-
-    def target_cubes(self, msg: Any) -> tuple[int, ...]:
-        C = self.config.topology.cubes_per_sip
-        if type(msg) is PeDmaMsg:
-            return self._sel(msg.src_cube, C, "src_cube")
-        return self._sel(msg.target_cubes, C, "target_cubes")
-
-    def target_pes(self, msg: Any) -> tuple[int, ...]:
-        P = self.config.topology.pes_per_cube
-        if type(msg) is PeDmaMsg:
-            return self._sel(msg.src_pe, P, "src_pe")
-        return self._sel(msg.target_pe, P, "target_pe")
-
-    def targets(self, msg: HostMessage) -> list[Coord]:
-        """Every PE ``msg`` acts on (each answers with one ResponseMsg); ValueError names a bad field."""
-        topo = self.config.topology
-        t = type(msg)
-        if t is MemoryWriteMsg:
-            self._sel(msg.dst_cube, topo.cubes_per_sip, "dst_cube")  # type: ignore[union-attr]
-            self._sel(msg.dst_pe, topo.pes_per_cube, "dst_pe")  # type: ignore[union-attr]
-        elif t is MemoryReadMsg:
-            self._sel(msg.src_cube, topo.cubes_per_sip, "src_cube")  # type: ignore[union-attr]
-            self._sel(msg.src_pe, topo.pes_per_cube, "src_pe")  # type: ignore[union-attr]
-        sips, cubes, pes = self.target_sips(msg), self.target_cubes(msg), self.target_pes(msg)
-        return [(s, c, p) for s in sips for c in cubes for p in pes]
 
     # -------------------------------------------------------------- host port
     def register_host_buffer(self, name: str, buffer: Any) -> str:

@@ -35,7 +35,7 @@ import attrs
 import numpy as np
 
 from ..errors import DeviceError, KernelError, OutOfDeviceMemory
-from ..hw.device import Device
+from ..hw.device import HostDevice
 from ..protocol import KernelLaunchMsg, MemoryWriteMsg, ResponseMsg, ScalarArg, TensorArg, TensorArgShard
 from ..runtime.queue import observe
 from .kernel import Kernel
@@ -123,12 +123,12 @@ class KernelCacheInfo:
     fallbacks: dict[str, str] = attrs.field(factory=dict)
 
 
-def device_of(target: Any) -> Device:
+def device_of(target: Any) -> HostDevice:
     """The :class:`~kbus.hw.Device` of a runtime handle (``torch.device``), or ``target`` if it is one."""
-    if isinstance(target, Device):
+    if isinstance(target, HostDevice):
         return target
     dev = getattr(target, "device", None)
-    if isinstance(dev, Device):
+    if isinstance(dev, HostDevice):
         return dev
     raise TypeError(f"expected a runtime handle (from kbus.open_device) or a kbus Device, got {type(target).__name__}")
 
@@ -144,7 +144,7 @@ def _find_target(values: dict[str, Any]) -> Any:
             continue
         for attr in _RUNTIME_ATTRS:
             handle = getattr(v, attr, None)
-            if isinstance(handle, Device) or isinstance(getattr(handle, "device", None), Device):
+            if isinstance(handle, HostDevice) or isinstance(getattr(handle, "device", None), HostDevice):
                 return handle
     return None
 
@@ -166,7 +166,7 @@ def kernel_cache_info(target: Any) -> KernelCacheInfo:
 
 
 # ------------------------------------------------------------------ deploy
-async def _write_blob(device: Device, st: DeviceState, kern: Kernel) -> Deployment:
+async def _write_blob(device: HostDevice, st: DeviceState, kern: Kernel) -> Deployment:
     blob = np.frombuffer(kern.blob(), dtype=np.uint8).copy()
     pa = st.alloc_code(blob.size)
     s, c, p = st.code_coord
@@ -195,7 +195,7 @@ async def _write_blob(device: Device, st: DeviceState, kern: Kernel) -> Deployme
     return Deployment(kern.id, st.code_coord, pa, int(blob.size), hashlib.sha256(blob.tobytes()).hexdigest())
 
 
-async def _deployment(device: Device, st: DeviceState, kern: Kernel) -> tuple[Deployment, bool]:
+async def _deployment(device: HostDevice, st: DeviceState, kern: Kernel) -> tuple[Deployment, bool]:
     """The kernel's deployment on ``device`` and whether it had to be written now."""
     found = st.programs.get(kern.id)
     if found is not None:
@@ -421,7 +421,7 @@ def start(
     dims = _grid(grid, values, name)
     params, first = _pack(kern, values)
     tensors = [v for v in values.values() if _is_tensor(v)]
-    submit = None if isinstance(target, Device) else getattr(target, "submit", None)
+    submit = None if isinstance(target, HostDevice) else getattr(target, "submit", None)
     if not callable(submit):
         return _after_inputs(tensors, _send(device, kern, dims, params, first, placement, mode))
     label = f"kernel {name}[{', '.join(map(str, dims))}]"
@@ -494,7 +494,7 @@ async def _after_inputs(tensors: list[Any], launch: Coroutine[Any, Any, LaunchRe
 
 
 async def _send(
-    device: Device,
+    device: HostDevice,
     kern: Kernel,
     grid: tuple[int, int, int],
     params: list[Any],

@@ -56,7 +56,7 @@ from .memory import Layout, ProgramContext, SegmentCache
 if TYPE_CHECKING:
     from ..hw.blocks import PeCpu
     from ..hw.config import DeviceConfig
-    from ..hw.device import Device
+    from ..hw.device import HostDevice
     from ..hw.network import NetLink
     from ..protocol.messages import PeTarget, Targets
     from ..sim import SimFuture
@@ -136,7 +136,7 @@ class Deployment:
 class DeviceState:
     """Everything the kernel language keeps per device (host program cache, PE code caches, counters)."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: HostDevice) -> None:
         coord, base, size = code_region(device.config)
         self.code_coord = coord
         self.code_base = base
@@ -192,10 +192,10 @@ class DeviceState:
         return pa
 
 
-_STATES: weakref.WeakKeyDictionary[Device, DeviceState] = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[HostDevice, DeviceState] = weakref.WeakKeyDictionary()
 
 
-def state_of(device: Device) -> DeviceState:
+def state_of(device: HostDevice) -> DeviceState:
     """The kernel-language state of ``device``, created (and the resolver installed) on first use."""
     st = _STATES.get(device)
     if st is None:

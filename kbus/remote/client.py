@@ -77,7 +77,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from ..errors import CodecError, DeviceError, RemoteError
-from ..hw import Device, DeviceConfig
+from ..hw import DeviceConfig, HostDevice
 from ..hw.blocks import REQUESTS
 from ..hw.device import BlockStats, LinkStats, PeNode, host_buffer_bytes
 from ..lang.kernel import MAX_BLOB, KernelId
@@ -208,19 +208,19 @@ class _Ranges:
         self.spans = merged
 
 
-class RemoteDevice(Device):
+class RemoteDevice(HostDevice):
     """A device served by another process (``kbus serve``), driven over a websocket.
 
-    Create it with :func:`connect_device`. It is a :class:`~kbus.hw.Device`
-    for the code that drives devices by messages (the runtime, the kernel
-    language), but the blocks, links and statistics live in the server:
-    those attributes raise :class:`AttributeError` here.
+    Create it with :func:`connect_device`. It is a
+    :class:`~kbus.hw.HostDevice`, like the in-process :class:`~kbus.hw.Device`,
+    so the runtime and the kernel language drive it alike; the blocks, links
+    and statistics live in the server: those attributes raise
+    :class:`AttributeError` here.
     """
 
     def __init__(
         self, ws: ClientConnection, hello: dict[str, Any], fmt: WireFormat, url: str, *, lockstep: bool = True
     ) -> None:
-        # Deliberately not Device.__init__: nothing of the hardware is built here.
         self.url = url
         self.format: WireFormat = fmt
         self.hello = hello
@@ -274,7 +274,7 @@ class RemoteDevice(Device):
         self._flush_soon()
 
     def __getattr__(self, name: str) -> NoReturn:
-        # Only reached for attributes Device.__init__ would have set (blocks, links, pes...).
+        # Only reached for what an in-process Device has beyond the host surface (blocks, links, stats...).
         where = self.__dict__.get("url", "another process")
         raise AttributeError(
             f"{name!r} is not available on a remote device: the device's hardware lives in the server at {where}"

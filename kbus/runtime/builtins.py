@@ -69,7 +69,7 @@ from ..protocol import KernelArg, KernelLaunchMsg, ScalarArg, TensorArg, TensorA
 
 if TYPE_CHECKING:
     from ..hw.blocks import PeCpu
-    from ..hw.device import Device, KernelFn
+    from ..hw.device import Device, HostDevice, KernelFn
     from ..sim import Sim
 
 __all__ = [
@@ -710,6 +710,6 @@ BUILTINS: Final[dict[str, KernelFn]] = {
 """The runtime's builtin kernels by name."""
 
 
-def install(device: Device) -> None:
+def install(device: HostDevice) -> None:
     """Register :data:`BUILTINS` in ``device.builtins`` (an existing entry of the same name is replaced)."""
     device.builtins.update(BUILTINS)

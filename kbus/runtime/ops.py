@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import DeviceError, KernelError
-from ..hw import Device, DeviceConfig
+from ..hw import DeviceConfig, HostDevice
 from ..protocol import HostMessage, KernelArg, KernelLaunchMsg, KernelRef, ResponseMsg
 from ..sim import Sim, SimFuture
 from .builtins import DTYPE_NAMES, DTYPES_BY_NAME, encode_scalar, encode_tensor, run_concurrently
@@ -68,7 +68,7 @@ def _dtype(spec: Any, where: str) -> np.dtype[Any]:
 class TensorOps:
     """Factories, operations and launches of the runtime (the base of :class:`~kbus.runtime.Runtime`)."""
 
-    device: Device
+    device: HostDevice
     sim: Sim
     config: DeviceConfig
     default_policy: DPPolicy

@@ -47,7 +47,7 @@ import anyio
 import numpy as np
 
 from ..errors import ConfigError, DeadlockError, MemoryLeakError
-from ..hw import Device, DeviceConfig, build_device
+from ..hw import DeviceConfig, HostDevice, build_device
 from ..mem import format_bytes
 from ..sim import Sim, SimFuture
 from . import builtins as _builtins
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryLeakError", "MemoryStats", "PeMemory", "Runtime", "Scope", "open_device"]
 
 
-_runtimes_on: weakref.WeakKeyDictionary[Device, int] = weakref.WeakKeyDictionary()
+_runtimes_on: weakref.WeakKeyDictionary[HostDevice, int] = weakref.WeakKeyDictionary()
 """How many runtimes each device has had: the correlation id of the next one.
 
 Numbered per device, not per process, so that the same script sends the same
@@ -108,7 +108,7 @@ class Runtime(TensorOps):
     uint32: Final = np.dtype(np.uint32)
     uint64: Final = np.dtype(np.uint64)
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: HostDevice) -> None:
         self.device = device
         self.sim: Sim = device.sim
         self.config: DeviceConfig = device.config
@@ -396,7 +396,7 @@ class _DeviceSession:
                 await _close_device(rt.device, self._frozen)
 
 
-async def _close_device(device: Device, frozen: bool) -> None:
+async def _close_device(device: HostDevice, frozen: bool) -> None:
     """Stop the device with the collector paused, then hand its objects back to the collector.
 
     ``open_device`` builds a device of :data:`FREEZE_MIN_PES` PEs or more with

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import kbus
+import kbus.hw
 from kbus.demo import workload
 from kbus.hw import build_device
 from kbus.protocol import MemoryReadMsg, MemoryWriteMsg, PeDmaMsg
@@ -163,8 +164,11 @@ def test_remote_device_keeps_hardware_attributes_in_the_server() -> None:
         async with serve_device("tiny") as server:
             dev = await connect_device(server.url)
             try:
+                with pytest.raises(AttributeError, match=r"'stats' is not available on a remote device"):
+                    dev.stats()  # type: ignore[attr-defined]
                 with pytest.raises(AttributeError, match=r"'blocks' is not available on a remote device"):
-                    dev.stats()
+                    dev.blocks  # type: ignore[attr-defined]  # noqa: B018
+                assert not isinstance(dev, kbus.hw.Device) and isinstance(dev, kbus.hw.HostDevice)
                 with pytest.raises(TypeError, match="takes a host request message"):
                     await dev.request("not a message")  # type: ignore[arg-type]
                 with pytest.raises(kbus.DeviceError, match="out of range"):
