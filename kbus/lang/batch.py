@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..mem import PageFault, Segment
-from .memory import SPAN_LIMIT, SPAN_SPARSITY, Layout, ProgramContext, SegmentCache, _Access, _current
+from .memory import SPAN_LIMIT, SPAN_SPARSITY, Layout, ProgramContext, SegmentCache, _Access, _current, masked_result
 
 if TYPE_CHECKING:
     from ..mem import MemoryStore
@@ -500,11 +500,7 @@ class BatchContext:
         flat = np.broadcast_to(offsets.reshape(1, -1), (b, offsets.size))
         fm = None if mask is None else np.broadcast_to(mask.reshape(1, -1), (b, mask.size))
         self._book_all(layout, flat, fm, False, f"kl.load from {what}")
-        if mask is None:
-            return values.reshape(offsets.shape)
-        out = np.full(offsets.shape, other, dtype=dtype)
-        out[mask] = values
-        return out
+        return masked_result(values, offsets.shape, mask, other, dtype)
 
     def store(
         self,
@@ -612,11 +608,7 @@ class BatchContext:
             return np.full(offsets.shape, other, dtype=layout.dtype)
         values = self._gather(layout, active, f"kl.load from {what}")
         self._book_all(layout, flat, fm, False, f"kl.load from {what}")
-        if mask is None:
-            return values.reshape(offsets.shape)
-        out = np.full(offsets.shape, other, dtype=layout.dtype)
-        out[mask] = values
-        return out
+        return masked_result(values, offsets.shape, mask, other, layout.dtype)
 
     def store_batched(
         self,

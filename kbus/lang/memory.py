@@ -102,6 +102,17 @@ def require(what: str) -> ProgramContext:
     return ctx
 
 
+
+def masked_result(
+    values: npt.NDArray[Any], shape: tuple[int, ...], mask: npt.NDArray[np.bool_] | None, other: Any, dtype: Any
+) -> npt.NDArray[Any]:
+    """A load's result of ``shape``: the loaded ``values`` in the unmasked lanes, ``other`` elsewhere."""
+    if mask is None:
+        return values.reshape(shape)
+    out = np.full(shape, other, dtype=dtype)
+    out[mask] = values
+    return out
+
 class Layout:
     """How a tensor argument's logical elements map to virtual addresses.
 
@@ -432,11 +443,7 @@ class ProgramContext:
         values = buf.view(dtype)[acc.elem_index]
         self._book(acc, itemsize, write=False)
         self.bytes_loaded += active.size * itemsize
-        if mask is None:
-            return values.reshape(offsets.shape)
-        out = np.full(offsets.shape, other, dtype=dtype)
-        out[mask] = values
-        return out
+        return masked_result(values, offsets.shape, mask, other, dtype)
 
     def store(
         self,
