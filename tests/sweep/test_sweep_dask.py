@@ -162,7 +162,9 @@ def test_ctrl_c_on_the_command_line_exits_130_and_writes_what_finished(tmp_path:
     )
     try:
         deadline = time.monotonic() + 120
-        while len(list(markers.iterdir())) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        # Five points started on two one-thread workers: at least three finished, the first of them
+        # a whole point (0.4 s) ago, so its result has reached the submitting process.
+        while len(list(markers.iterdir())) < 5 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)
